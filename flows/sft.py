@@ -1,0 +1,58 @@
+"""The `sft` flow: download -> prepare -> train -> evaluate -> publish -> serve, one MLflow run per flow run.
+
+    npu-sft run configs/tiny_cpu.yaml            # or: npu-sft demo
+    prefect deployment run sft/qwen7b            # after `make up`
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import flow
+
+from npu_sft.settings import load_pipeline
+from npu_sft.tiny_model import tokenizer_file
+from npu_sft.tracking import client_for
+from tasks.evaluate import evaluate
+from tasks.model import fetch_model
+from tasks.prepare import prepare_datasets_task
+from tasks.publish import publish
+from tasks.serve import serve_smoke_test
+from tasks.tracking import finish_tracking, start_tracking
+from tasks.train import train
+from tasks.validate import check_engine_config
+
+
+@dataclass(frozen=True)
+class SftResult:
+    mlflow_run_id: str
+    metrics: dict[str, float]
+    model_version: str | None
+    served_reply: str | None
+
+
+@flow(name="sft", log_prints=True)
+def sft(config: str, overrides: list[str] | None = None) -> SftResult:
+    pipeline = load_pipeline(config, overrides)
+    check_engine_config(pipeline)
+    run = start_tracking(pipeline)
+    try:
+        model_path = fetch_model(pipeline, run)
+        data = prepare_datasets_task(
+            pipeline.data_settings(),
+            val_size=pipeline.val_size,
+            cutoff_len=pipeline.cutoff_len,
+            tokenizer_file=tokenizer_file(model_path),
+            out_root=pipeline.state_dir / "datasets",
+            mlflow_client=client_for(run.mlflow),
+            mlflow_run_id=run.mlflow_run_id,
+        )
+        trained = train(pipeline, run, model_path, data)
+        metrics = evaluate(run, trained)
+        version = publish(run, trained, pipeline.settings.publish)
+        reply = serve_smoke_test(pipeline, run, model_path, trained) if pipeline.settings.serve.enabled else None
+    except BaseException:
+        finish_tracking(run, succeeded=False)
+        raise
+    finish_tracking(run, succeeded=True)
+    return SftResult(run.mlflow_run_id, metrics, version, reply)

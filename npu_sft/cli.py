@@ -1,0 +1,68 @@
+"""`npu-sft`: run the pipeline, or one stage of it, from a pipeline config.
+
+    npu-sft demo                                   # the whole flow on the embedded tiny model (CPU)
+    npu-sft run configs/qwen7b.yaml --set devices.train=4
+    npu-sft plan configs/qwen7b.yaml               # validate and show what would run, starting nothing
+    npu-sft prepare configs/tiny_cpu.yaml          # dataset preparation alone
+    npu-sft devices                                # device inventory and current leases
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = PROJECT_DIR / "configs" / "tiny_cpu.yaml"
+EXIT_BAD_INPUT = 2
+
+
+def _use_project_prefect_home() -> None:
+    # Keeps the demo's Prefect database with the project's state unless the user chose a home or a server.
+    if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
+        os.environ["PREFECT_HOME"] = str(Path(".npu-sft/prefect").resolve())
+    if "PREFECT_HOME" in os.environ:
+        # Prefect's local server cannot create its SQLite database in a directory that does not exist yet.
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="npu-sft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("config", help="pipeline config (YAML), e.g. configs/qwen7b.yaml")
+        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a pipeline key, e.g. --set devices.train=4 (repeatable)")
+        return sub
+
+    with_config("run", "run the sft flow on a pipeline config")
+    demo = commands.add_parser("demo", help="run the sft flow on the embedded tiny model (configs/tiny_cpu.yaml)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    with_config("plan", "validate a config and print the engine config, devices and command, starting nothing")
+    with_config("prepare", "run dataset preparation alone and print its statistics and rejects")
+    devices = commands.add_parser("devices", help="show the device inventory and current leases")
+    devices.add_argument("--config", help="pipeline config whose `devices:` settings to use")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _use_project_prefect_home()
+    from npu_sft.commands import BAD_INPUT_ERRORS, run_command
+
+    try:
+        return run_command(args)
+    except BAD_INPUT_ERRORS as err:
+        print(f"npu-sft: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("npu-sft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

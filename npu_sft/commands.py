@@ -1,0 +1,74 @@
+"""What each `npu-sft` subcommand does (argument parsing lives in cli.py, which imports this lazily)."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from npu_sft.datasets import DatasetError
+from npu_sft.devices import DeviceError, render_device_report
+from npu_sft.download import DownloadError
+from npu_sft.settings import ConfigError, load_pipeline
+from npu_sft.tracking import tracking_uri
+
+BAD_INPUT_ERRORS = (ConfigError, DeviceError, DatasetError, DownloadError)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    handlers = {"run": run_flow, "demo": run_demo, "plan": plan, "prepare": prepare, "devices": devices}
+    return handlers[args.command](args)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from npu_sft.cli import DEMO_CONFIG
+
+    args.config = str(DEMO_CONFIG)
+    return run_flow(args)
+
+
+def run_flow(args: argparse.Namespace) -> int:
+    pipeline = load_pipeline(args.config, args.overrides)  # bad input fails here, before Prefect starts anything
+    from flows.sft import sft
+
+    result = sft(str(pipeline.config_file), args.overrides)
+    console = Console()
+    summary = Table(title=f"sft: {pipeline.settings.name}", show_header=False)
+    summary.add_row("MLflow run", result.mlflow_run_id)
+    summary.add_row("tracking store", tracking_uri(pipeline.settings.mlflow))
+    for key in ("eval_loss", "perplexity", "train_loss"):
+        if key in result.metrics:
+            summary.add_row(key, f"{result.metrics[key]:.4f}")
+    if result.model_version is not None:
+        summary.add_row("registered model", f"{pipeline.settings.publish.registered_model} version {result.model_version}")
+    if result.served_reply is not None:
+        summary.add_row("served reply", repr(result.served_reply))
+    console.print(summary)
+    console.print(f"MLflow UI:  mlflow ui --backend-store-uri {tracking_uri(pipeline.settings.mlflow)}")
+    console.print("Prefect UI: make up, then open http://127.0.0.1:4200")
+    return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    from npu_sft.planning import render_plan
+
+    pipeline = load_pipeline(args.config, args.overrides)
+    Console().print(*render_plan(pipeline))
+    return 0
+
+
+def prepare(args: argparse.Namespace) -> int:
+    from npu_sft.planning import prepare_alone
+
+    pipeline = load_pipeline(args.config, args.overrides)
+    Console().print(*prepare_alone(pipeline))
+    return 0
+
+
+def devices(args: argparse.Namespace) -> int:
+    from npu_sft.devices import DeviceSettings
+
+    settings = load_pipeline(args.config).settings.devices if args.config else DeviceSettings()
+    Console().print(*render_device_report(settings))
+    return 0

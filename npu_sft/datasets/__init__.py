@@ -1,0 +1,28 @@
+"""Dataset preparation: sources, row-level validation, dedup and split, statistics, LLaMA-Factory registration."""
+
+from npu_sft.datasets.builtin import BUILTIN_DATASETS, demo_corpus
+from npu_sft.datasets.errors import DatasetError
+from npu_sft.datasets.prepare import PreparedData, prepare_datasets
+from npu_sft.datasets.report import render_prepare_report, stats_table_rows
+from npu_sft.datasets.settings import ColumnMap, DatasetSpec, DataSettings, IdentitySettings, TagMap
+from npu_sft.datasets.stats import DatasetStats, LengthStats, SourceStats
+from npu_sft.datasets.tracking import log_dataset_stats
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "ColumnMap",
+    "DataSettings",
+    "DatasetError",
+    "DatasetSpec",
+    "DatasetStats",
+    "IdentitySettings",
+    "LengthStats",
+    "PreparedData",
+    "SourceStats",
+    "TagMap",
+    "demo_corpus",
+    "log_dataset_stats",
+    "prepare_datasets",
+    "render_prepare_report",
+    "stats_table_rows",
+]

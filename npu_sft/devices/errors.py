@@ -1,0 +1,9 @@
+"""Errors of the device layer: one base class so callers (the Prefect task, the CLI) can catch them together."""
+
+
+class DeviceError(Exception):
+    """A device request that cannot be served: bad input, unknown ids, a probe that failed."""
+
+
+class DeviceBusyError(DeviceError):
+    """The requested devices exist but stayed leased by others until the lease timeout."""

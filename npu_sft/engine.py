@@ -1,0 +1,178 @@
+"""The one place that builds engine command lines. Pure functions: no I/O beyond reading settings.
+
+The engine (LLaMA-Factory, torch, deepspeed; torch-npu and CANN on Ascend) lives in its own environment, addressed as
+a python executable, optionally behind a command prefix (`docker exec -i llamafactory`, `ssh host`) and an env
+script (CANN's `set_env.sh`). Engine-side helper scripts are fed on stdin (`python - ARGS`), so they work the same
+inside a container that does not have this project's files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ENGINE_SCRIPTS = Path(__file__).parent / "engine_scripts"
+DEFAULT_ENGINE_PYTHON = ".npu-sft/engine/bin/python"
+
+
+class EngineSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    python: str = Field(
+        DEFAULT_ENGINE_PYTHON,
+        description="The engine env's python. Relative paths are relative to the project directory.",
+    )
+    command_prefix: list[str] = Field(
+        default_factory=list, description="Runs the engine elsewhere, e.g. ['docker', 'exec', '-i', 'llamafactory']."
+    )
+    env_script: str | None = Field(None, description="Sourced before the engine starts, e.g. CANN's set_env.sh.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra variables, e.g. USE_MODELSCOPE_HUB: '1'.")
+
+    @model_validator(mode="after")
+    def _local_python_exists(self) -> EngineSettings:
+        # Behind a prefix the python lives in another namespace (a container, a host) and cannot be checked here.
+        if self.command_prefix:
+            return self
+        if os.sep not in self.python:
+            if shutil.which(self.python) is None:
+                raise ValueError(f"engine python {self.python!r} is not on PATH; give the engine env's python path")
+            return self
+        path = Path(self.python)
+        if not path.is_file() or not os.access(path, os.X_OK):
+            raise ValueError(
+                f"engine python {self.python} does not exist or is not executable; run `make setup` to create the "
+                "engine env, or set engine.python to your LLaMA-Factory env's python"
+            )
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        return not self.command_prefix
+
+
+@dataclass(frozen=True)
+class DistributedLaunch:
+    """Where one node's share of a torchrun job runs: the device lease sets nproc_per_node and the port."""
+
+    nproc_per_node: int
+    master_port: int
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class EngineCommand:
+    argv: list[str]
+    env: dict[str, str]  # for the local process; behind a prefix these are also forwarded in argv
+    stdin_file: Path | None = None
+
+
+def _wrap(engine: EngineSettings, inner: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """Put the engine's env script and prefix around an engine argv."""
+    argv = list(inner)
+    if engine.command_prefix and env:
+        # `docker exec`/`ssh` do not pass the caller's environment through, so it travels in argv via env(1).
+        argv = ["env", *(f"{key}={value}" for key, value in sorted(env.items())), *argv]
+    if engine.env_script:
+        # `$0` is the script and `"$@"` the engine argv: nothing is interpolated into shell text.
+        argv = ["bash", "-c", 'source "$0" && exec "$@"', engine.env_script, *argv]
+    return [*engine.command_prefix, *argv]
+
+
+def _command(
+    engine: EngineSettings, inner: Sequence[str], env: Mapping[str, str] | None, stdin_file: Path | None = None
+) -> EngineCommand:
+    full_env = {**engine.env, **(env or {})}
+    return EngineCommand(_wrap(engine, inner, full_env), full_env, stdin_file)
+
+
+def torchrun_train_command(
+    engine: EngineSettings, launch: DistributedLaunch, config_file: Path | str, env: Mapping[str, str] | None = None
+) -> EngineCommand:
+    """`torchrun ... llamafactory/launcher.py CONFIG`, exactly what `FORCE_TORCHRUN=1 llamafactory-cli train` runs."""
+    inner = [
+        engine.python,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(launch.nnodes),
+        "--node_rank",
+        str(launch.node_rank),
+        "--nproc_per_node",
+        str(launch.nproc_per_node),
+        "--master_addr",
+        launch.master_addr,
+        "--master_port",
+        str(launch.master_port),
+        "-m",
+        "llamafactory.launcher",
+        str(config_file),
+    ]
+    return _command(engine, inner, env)
+
+
+def bare_train_command(engine: EngineSettings, config_file: Path | str, env: Mapping[str, str] | None = None) -> EngineCommand:
+    """`llamafactory-cli train CONFIG` (it builds its own torchrun when FORCE_TORCHRUN/NPROC_PER_NODE say so)."""
+    return _command(engine, [engine.python, "-m", "llamafactory.cli", "train", str(config_file)], env)
+
+
+def api_server_command(
+    engine: EngineSettings,
+    *,
+    model_path: str,
+    adapter_path: str,
+    template: str,
+    host: str,
+    port: int,
+    api_key: str,
+    env: Mapping[str, str] | None = None,
+) -> EngineCommand:
+    """LLaMA-Factory's OpenAI-compatible server, bound to `host` and guarded by `api_key`.
+
+    API_VERBOSE=0 because LLaMA-Factory otherwise logs whole request bodies.
+    """
+    inner = [
+        engine.python,
+        "-m",
+        "llamafactory.cli",
+        "api",
+        "--model_name_or_path",
+        model_path,
+        "--adapter_name_or_path",
+        adapter_path,
+        "--template",
+        template,
+        "--finetuning_type",
+        "lora",
+        "--infer_backend",
+        "huggingface",
+    ]
+    server_env = {"API_HOST": host, "API_PORT": str(port), "API_KEY": api_key, "API_VERBOSE": "0", **(env or {})}
+    return _command(engine, inner, server_env)
+
+
+def engine_script_command(
+    engine: EngineSettings, script: str, args: Sequence[str], env: Mapping[str, str] | None = None
+) -> EngineCommand:
+    """Run one of `npu_sft/engine_scripts/*.py` in the engine env, the script's text fed on stdin."""
+    script_file = ENGINE_SCRIPTS / script
+    if not script_file.is_file():
+        raise FileNotFoundError(f"no engine script {script_file}")
+    return _command(engine, [engine.python, "-", *args], env, stdin_file=script_file)
+
+
+def render_command(command: EngineCommand, env_keys: Sequence[str] = ()) -> str:
+    """A copy-pasteable shell line for `npu-sft plan` and logs; secrets are never part of `env_keys`."""
+    import shlex
+
+    shown = " ".join(f"{key}={shlex.quote(command.env[key])}" for key in env_keys if key in command.env)
+    line = shlex.join(command.argv)
+    if command.stdin_file is not None:
+        line += f" < {shlex.quote(str(command.stdin_file))}"
+    return f"{shown} {line}".strip()

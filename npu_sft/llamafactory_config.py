@@ -1,0 +1,101 @@
+"""Turning a pipeline's LLaMA-Factory config into the exact YAML one run hands to the engine."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from npu_sft import process
+from npu_sft.engine import EngineSettings, engine_script_command
+from npu_sft.settings import ConfigError, Pipeline
+
+DEEPSPEED_SHORT_NAME = re.compile(r"^ds_z[0-3](_offload)?$")
+SECRET_KEY = re.compile(r"(token|secret|password|api_key|apikey)", re.IGNORECASE)
+
+
+def deepspeed_search_dirs(pipeline: Pipeline) -> list[Path]:
+    return [pipeline.llamafactory_file.parent, pipeline.config_dir / "deepspeed", pipeline.config_dir.parent / "deepspeed"]
+
+
+def resolve_deepspeed(value: str, pipeline: Pipeline) -> Path:
+    """`ds_z2`, a path relative to the LLaMA-Factory YAML, or LLaMA-Factory's own `examples/deepspeed/ds_z0_config.json`
+    (the seed's value), which maps to the project's copy of that file by name."""
+    name = f"{value}_config.json" if DEEPSPEED_SHORT_NAME.match(value) else value
+    as_given = Path(name).expanduser()
+    if as_given.is_absolute() and as_given.is_file():
+        return as_given
+    for directory in deepspeed_search_dirs(pipeline):
+        for candidate in (directory / name, directory / Path(name).name):
+            if candidate.is_file():
+                return candidate.resolve()
+    raise ConfigError(
+        f"{pipeline.llamafactory_file}: deepspeed: {value!r} not found (looked in "
+        f"{', '.join(str(d) for d in deepspeed_search_dirs(pipeline))}); use ds_z0, ds_z2, ds_z3, ds_z2_offload, "
+        "ds_z3_offload or a path to a DeepSpeed JSON"
+    )
+
+
+def resolve_train_config(
+    pipeline: Pipeline, *, model_path: str, data_args: dict[str, Any], output_dir: Path
+) -> dict[str, Any]:
+    """The engine config for one run: the user's keys, with the places this run owns filled in.
+
+    `data_args` comes from dataset preparation (`dataset_dir`, `dataset`, `eval_dataset`, `val_size`)."""
+    config = dict(pipeline.llamafactory)
+    config["model_name_or_path"] = model_path
+    config.update(data_args)
+    config["output_dir"] = str(output_dir)
+    # One MLflow writer per run: the pipeline logs what the engine writes, the engine reports to nobody.
+    config["report_to"] = "none"
+    if config.get("deepspeed"):
+        config["deepspeed"] = str(resolve_deepspeed(str(config["deepspeed"]), pipeline))
+    return config
+
+
+def write_config(config: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def loggable_params(config: dict[str, Any], max_len: int = 500) -> dict[str, str]:
+    """LLaMA-Factory keys as MLflow params: hub tokens and other secrets left out, long values shortened."""
+    params: dict[str, str] = {}
+    for key, value in config.items():
+        if SECRET_KEY.search(key):
+            continue
+        text = value if isinstance(value, str) else json.dumps(value)
+        params[key] = text if len(text) <= max_len else text[: max_len - 3] + "..."
+    return params
+
+
+def check_with_engine(engine: EngineSettings, config: dict[str, Any], source: Path, scratch_dir: Path) -> None:
+    """Parse `config` with LLaMA-Factory's own argument parser in the engine env; ConfigError if it refuses it.
+
+    `source` is the file the user edits, named in the error."""
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=scratch_dir, delete=False, encoding="utf-8") as handle:
+        yaml.safe_dump(config, handle, sort_keys=False, allow_unicode=True)
+        config_file = Path(handle.name)
+    try:
+        command = engine_script_command(engine, "check_llamafactory_config.py", [str(config_file)])
+        completed = process.run_streaming(command.argv, env=command.env, stdin_file=command.stdin_file)
+    finally:
+        config_file.unlink(missing_ok=True)
+    verdict = _last_json_line(completed.tail)
+    if not completed.ok or verdict is None:
+        raise process.CommandFailed(completed, "checking the LLaMA-Factory config in the engine env")
+    if not verdict["ok"]:
+        raise ConfigError(f"{source}: LLaMA-Factory refuses this config: {verdict['error']}")
+
+
+def _last_json_line(lines: list[str]) -> dict[str, Any] | None:
+    for line in reversed(lines):
+        if line.startswith("{") and line.endswith("}"):
+            return json.loads(line)
+    return None

@@ -1,0 +1,96 @@
+"""LLaMA-Factory's OpenAI-compatible API: start it on loopback behind an API key, ask it one question, stop it."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from npu_sft import process
+from npu_sft.engine import EngineSettings, api_server_command
+from npu_sft.settings import ServeSettings
+
+
+class ServeError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class SmokeResult:
+    reply: str
+    model: str
+    startup_s: float
+    latency_s: float
+    unauthorized_status: int  # what a request with a wrong key got: must be 401
+
+
+def wait_until_ready(server: process.BackgroundProcess, base_url: str, api_key: str, timeout_s: float) -> float:
+    started = time.monotonic()
+    headers = {"Authorization": f"Bearer {api_key}"}
+    while time.monotonic() - started < timeout_s:
+        code = server.exited()
+        if code is not None:
+            raise ServeError(f"API server exited with code {code} before it answered:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{base_url}/v1/models", headers=headers, timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.5)
+    raise ServeError(f"API server did not answer within {timeout_s:.0f}s:\n{server.log_tail()}")
+
+
+def chat_once(base_url: str, api_key: str, model: str, prompt: str, max_tokens: int) -> str:
+    response = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {api_key}"},
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0.01,
+        },
+        timeout=120,
+    )
+    if response.status_code != 200:
+        raise ServeError(f"chat completion failed: HTTP {response.status_code}: {response.text[:500]}")
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def smoke_test(
+    engine: EngineSettings,
+    settings: ServeSettings,
+    *,
+    model_path: str,
+    adapter_path: str,
+    template: str,
+    device_env: Mapping[str, str],
+    port: int,
+    log_file: Path,
+) -> SmokeResult:
+    """Serve the adapter, check a wrong key is refused, get one chat completion, stop the server."""
+    api_key = secrets.token_urlsafe(24)  # per launch, never logged or stored
+    command = api_server_command(
+        engine,
+        model_path=model_path,
+        adapter_path=adapter_path,
+        template=template,
+        host=settings.host,
+        port=port,
+        api_key=api_key,
+        env=device_env,
+    )
+    base_url = f"http://{settings.host}:{port}"
+    with process.start_background(command.argv, env=command.env, log_file=log_file) as server:
+        startup_s = wait_until_ready(server, base_url, api_key, settings.startup_timeout_s)
+        unauthorized = httpx.get(f"{base_url}/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=5)
+        models = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=5).json()
+        model = models["data"][0]["id"]
+        started = time.monotonic()
+        reply = chat_once(base_url, api_key, model, settings.prompt, settings.max_tokens)
+        latency_s = time.monotonic() - started
+    return SmokeResult(reply, model, startup_s, latency_s, unauthorized.status_code)

@@ -1,0 +1,239 @@
+"""Pipeline configs: one YAML per pipeline, referencing a LLaMA-Factory YAML and adding the pipeline's own settings.
+
+Loading fails fast with one line that names the file, the line and the key, e.g.
+`configs/tiny_cpu.yaml:12: serve.promt: unknown key`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from npu_sft.datasets import DataSettings
+from npu_sft.devices import DeviceSettings
+from npu_sft.download import ModelSource
+from npu_sft.engine import EngineSettings
+
+
+LLAMAFACTORY_DEFAULT_CUTOFF_LEN = 2048
+
+
+class ConfigError(ValueError):
+    """A pipeline or LLaMA-Factory config is unusable; the message is one line naming file, line and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TinyModelSource(_Strict):
+    """The embedded default: a tiny Qwen2-architecture model generated locally, deterministically, offline."""
+
+    source: Literal["tiny"]
+    seed: int = 0
+
+
+class LlamaFactorySettings(_Strict):
+    config: str = Field(description="LLaMA-Factory YAML, relative to the pipeline config's directory")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Keys set on top of that YAML")
+
+
+class TrainingSettings(_Strict):
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)
+    master_addr: str = "127.0.0.1"
+
+
+class MlflowSettings(_Strict):
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_location: str = "mlruns/artifacts"
+    experiment: str = "sft"
+
+
+class PublishSettings(_Strict):
+    enabled: bool = True
+    registered_model: str
+
+
+class ServeSettings(_Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    prompt: str = "Who are you?"
+    max_tokens: int = Field(32, ge=1)
+    startup_timeout_s: float = Field(300, gt=0)
+
+
+class PipelineSettings(_Strict):
+    name: str
+    model: Annotated[ModelSource | TinyModelSource, Field(discriminator="source")]
+    data: DataSettings
+    llamafactory: LlamaFactorySettings
+    devices: DeviceSettings = Field(default_factory=DeviceSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    publish: PublishSettings
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    state_dir: str = Field(".npu-sft", description="runs/, datasets/, models/ of this project; relative to the cwd")
+
+
+class Pipeline(BaseModel):
+    """A loaded pipeline config: its settings and the LLaMA-Factory config they reference, overrides applied."""
+
+    config_file: Path
+    settings: PipelineSettings
+    llamafactory_file: Path
+    llamafactory: dict[str, Any]
+
+    @property
+    def config_dir(self) -> Path:
+        return self.config_file.parent
+
+    @property
+    def dataset_names(self) -> list[str]:
+        return split_names(self.llamafactory.get("dataset"))
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.settings.state_dir).resolve()
+
+    @property
+    def val_size(self) -> float:
+        return float(self.llamafactory.get("val_size", 0.0))
+
+    @property
+    def cutoff_len(self) -> int:
+        return int(self.llamafactory.get("cutoff_len", LLAMAFACTORY_DEFAULT_CUTOFF_LEN))
+
+    def data_settings(self) -> DataSettings:
+        """The data sources the LLaMA-Factory config's `dataset:` names, in its order."""
+        by_name = {spec.name: spec for spec in self.settings.data.datasets}
+        return self.settings.data.model_copy(update={"datasets": [by_name[name] for name in self.dataset_names]})
+
+
+def split_names(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [name.strip() for name in str(value).split(",") if name.strip()]
+
+
+def _read_yaml(path: Path, what: str) -> tuple[Any, yaml.Node | None]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return yaml.safe_load(text), yaml.compose(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: YAML syntax error: {err.problem or err.context}") from None
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the deepest key of `loc` that exists in the YAML document."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == str(part):
+                    line, node = key_node.start_mark.line + 1, value_node
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _describe(error: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
+    # Drop the discriminator's tag (`model.tiny.seed` -> `model.seed`) so the key reads like the YAML.
+    loc = tuple(part for part in error["loc"] if part not in ("tiny", "modelscope", "local") or error["loc"][0] != "model")
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return loc, "unknown key"
+    if kind == "missing":
+        return loc, "required key is missing"
+    return loc, error["msg"]
+
+
+def _apply_set(data: dict[str, Any], assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set devices.train=4")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a mapping in the config")
+        node = child
+    node[parts[-1]] = value
+
+
+def resolve_path(path: str | Path, base: Path) -> Path:
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else (base / candidate).resolve()
+
+
+def load_pipeline(config_file: str | Path, overrides: list[str] | None = None) -> Pipeline:
+    """Load, merge and validate a pipeline config. Relative paths other than `llamafactory.config` are relative to
+    the current directory, the project directory. Raises ConfigError; starts nothing."""
+    config_path = Path(config_file)
+    raw, tree = _read_yaml(config_path, "pipeline config")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path}: a pipeline config is a YAML mapping, got {type(raw).__name__}")
+    data = copy.deepcopy(raw)
+    for assignment in overrides or []:
+        _apply_set(data, assignment)
+
+    try:
+        settings = PipelineSettings.model_validate(data)
+    except ValidationError as err:
+        loc, message = _describe(err.errors()[0])
+        line = _line_of(tree, loc)
+        where = f":{line}" if line is not None else ""
+        key = ".".join(str(part) for part in loc)
+        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise ConfigError(f"{config_path}{where}: {key}: {message}{more}") from None
+    if settings.engine.is_local and "/" in settings.engine.python:
+        # abspath, not resolve(): a venv's python is a symlink to the base interpreter, and following it would
+        # leave the venv (and its packages) behind.
+        settings.engine.python = os.path.abspath(settings.engine.python)
+
+    lf_file = resolve_path(settings.llamafactory.config, config_path.parent.resolve())
+    lf_config, _ = _read_yaml(lf_file, "LLaMA-Factory config (llamafactory.config)")
+    if not isinstance(lf_config, dict):
+        raise ConfigError(f"{lf_file}: a LLaMA-Factory config is a YAML mapping")
+    lf_config = {**lf_config, **settings.llamafactory.overrides}
+
+    pipeline = Pipeline(
+        config_file=config_path.resolve(), settings=settings, llamafactory_file=lf_file, llamafactory=lf_config
+    )
+    _check_datasets_defined(pipeline)
+    return pipeline
+
+
+def _check_datasets_defined(pipeline: Pipeline) -> None:
+    defined = {spec.name for spec in pipeline.settings.data.datasets}
+    names = pipeline.dataset_names
+    if not names:
+        raise ConfigError(f"{pipeline.llamafactory_file}: dataset: required key is missing")
+    missing = [name for name in names if name not in defined]
+    if missing:
+        raise ConfigError(
+            f"{pipeline.config_file}: data.datasets: no source for dataset(s) {', '.join(missing)} named by "
+            f"`dataset:` in {pipeline.llamafactory_file.name}; add an entry with that name"
+        )

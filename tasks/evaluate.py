@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import math
+
+from prefect import get_run_logger, task
+
+from npu_sft import tracking
+from npu_sft.runs import RunContext
+from npu_sft.training import read_results
+from tasks.train import Trained
+
+
+@task
+def evaluate(run: RunContext, trained: Trained) -> dict[str, float]:
+    """eval_loss and perplexity from the engine's outputs, recorded as the run's final metrics."""
+    results = read_results(trained.output_dir)
+    if not math.isfinite(results.get("eval_loss", math.nan)):
+        raise ValueError(f"{trained.output_dir}/all_results.json holds no finite eval_loss: {results}")
+    tracking.log_metrics(run.mlflow, run.mlflow_run_id, [(key, value, 0) for key, value in results.items()])
+    get_run_logger().info("eval_loss %.4f, perplexity %.2f", results["eval_loss"], results["perplexity"])
+    return results

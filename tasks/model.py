@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from npu_sft import tracking
+from npu_sft.download import log_manifest
+from npu_sft.runs import RunContext
+from npu_sft.settings import Pipeline, TinyModelSource
+from npu_sft.tiny_model import ensure_tiny_model
+from tasks.download import download_model_task
+
+
+@task
+def make_tiny_model(pipeline: Pipeline, source: TinyModelSource) -> Path:
+    """The embedded default's local source: generated once in the engine env, then reused."""
+    logger = get_run_logger()
+    model_dir = ensure_tiny_model(pipeline.settings.engine, pipeline.state_dir / "models", source.seed, on_line=logger.info)
+    logger.info("tiny model at %s", model_dir)
+    return model_dir
+
+
+def fetch_model(pipeline: Pipeline, run: RunContext) -> Path:
+    """download: the tiny model from its local source, or the configured model through the download task."""
+    source = pipeline.settings.model
+    if isinstance(source, TinyModelSource):
+        model_dir = make_tiny_model(pipeline, source)
+        tracking.set_tags(run.mlflow, run.mlflow_run_id, {"model.source": "tiny", "model.path": str(model_dir)})
+        return model_dir
+    downloaded = download_model_task(source)
+    log_manifest(tracking.client_for(run.mlflow), run.mlflow_run_id, downloaded)
+    return downloaded.path

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINE_PYTHON = REPO / ".npu-sft" / "engine" / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def engine_python() -> Path:
+    """The engine env made by scripts/setup-envs (`make test` runs it first)."""
+    if not ENGINE_PYTHON.exists():
+        raise RuntimeError(f"{ENGINE_PYTHON} missing: run scripts/setup-envs (make test does) before the tests")
+    return ENGINE_PYTHON
+
+
+@pytest.fixture
+def in_tmp_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A scratch project directory as the cwd, with its own Prefect home, so runs never touch the repo's state."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / ".prefect"))
+    return tmp_path

@@ -1,0 +1,71 @@
+"""The demo flow, for real: tiny model generation, torchrun with 2 gloo ranks, MLflow, the registry, the API server."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory, repo: Path, engine_python: Path) -> dict:
+    project = tmp_path_factory.mktemp("demo-project")
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
+    env.pop("PREFECT_API_URL", None)
+    completed = subprocess.run(
+        [sys.executable, "-m", "npu_sft.cli", "demo", "--set", f"engine.python={engine_python}"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    uri = f"sqlite:///{project}/mlruns/mlflow.db"
+    return {"project": project, "stdout": completed.stdout, "client": MlflowClient(uri, registry_uri=uri), "uri": uri}
+
+
+def test_demo_prints_where_to_look(demo_run: dict) -> None:
+    out = demo_run["stdout"]
+    assert "MLflow run" in out and "registered model" in out and "served reply" in out
+
+
+def test_mlflow_holds_a_finished_run_with_falling_loss(demo_run: dict) -> None:
+    client: MlflowClient = demo_run["client"]
+    experiment = client.get_experiment_by_name("sft-tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert math.isfinite(run.data.metrics["eval_loss"])
+    assert run.data.metrics["perplexity"] == pytest.approx(math.exp(run.data.metrics["eval_loss"]), rel=1e-6)
+    history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    assert len(history) >= 5
+    assert history[-1].value < history[0].value
+    assert run.data.params["lora_target"] == "all" and run.data.params["template"] == "qwen"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "config", "plots", "logs"} <= artifacts
+    assert run.data.tags["serve.reply"].strip()
+
+
+def test_registered_version_holds_the_adapter(demo_run: dict, tmp_path: Path) -> None:
+    client: MlflowClient = demo_run["client"]
+    versions = client.search_model_versions("name='tiny-qwen2-lora'")
+    assert len(versions) == 1
+    mlflow.set_tracking_uri(demo_run["uri"])
+    mlflow.set_registry_uri(demo_run["uri"])
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-qwen2-lora/{versions[0].version}", dst_path=str(tmp_path)))
+    names = {p.name for p in local.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= names
+
+
+def test_run_directory_is_the_runs_own(demo_run: dict) -> None:
+    run_dirs = list((demo_run["project"] / ".npu-sft" / "runs").iterdir())
+    assert len(run_dirs) == 1
+    output = run_dirs[0] / "output"
+    assert (output / "adapter_model.safetensors").is_file()
+    assert (output / "trainer_log.jsonl").is_file()

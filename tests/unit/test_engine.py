@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from npu_sft.engine import (
+    DistributedLaunch,
+    EngineSettings,
+    api_server_command,
+    engine_script_command,
+    render_command,
+    torchrun_train_command,
+)
+
+
+def test_torchrun_argv_matches_the_seed_launch(engine_python: Path) -> None:
+    engine = EngineSettings(python=str(engine_python))
+    launch = DistributedLaunch(nproc_per_node=4, master_port=29611)
+    command = torchrun_train_command(engine, launch, "/runs/r/llamafactory.yaml", env={"ASCEND_RT_VISIBLE_DEVICES": "0,1,2,3"})
+    assert command.argv == [
+        str(engine_python), "-m", "torch.distributed.run",
+        "--nnodes", "1", "--node_rank", "0", "--nproc_per_node", "4",
+        "--master_addr", "127.0.0.1", "--master_port", "29611",
+        "-m", "llamafactory.launcher", "/runs/r/llamafactory.yaml",
+    ]
+    assert command.env == {"ASCEND_RT_VISIBLE_DEVICES": "0,1,2,3"}
+
+
+def test_container_engine_forwards_env_in_argv_and_sources_env_script() -> None:
+    engine = EngineSettings(
+        python="python",
+        command_prefix=["docker", "exec", "-i", "llamafactory"],
+        env_script="/usr/local/Ascend/ascend-toolkit/set_env.sh",
+        env={"USE_MODELSCOPE_HUB": "1"},
+    )
+    command = torchrun_train_command(engine, DistributedLaunch(1, 7007), "cfg.yaml", env={"ASCEND_RT_VISIBLE_DEVICES": "3"})
+    assert command.argv[:4] == ["docker", "exec", "-i", "llamafactory"]
+    assert command.argv[4:8] == ["bash", "-c", 'source "$0" && exec "$@"', "/usr/local/Ascend/ascend-toolkit/set_env.sh"]
+    assert command.argv[8:11] == ["env", "ASCEND_RT_VISIBLE_DEVICES=3", "USE_MODELSCOPE_HUB=1"]
+    assert command.argv[11:14] == ["python", "-m", "torch.distributed.run"]
+
+
+def test_api_server_binds_loopback_with_key_and_quiet_request_logging(engine_python: Path) -> None:
+    command = api_server_command(
+        EngineSettings(python=str(engine_python)),
+        model_path="/m", adapter_path="/a", template="qwen", host="127.0.0.1", port=18000, api_key="k3y",
+    )
+    assert command.env["API_HOST"] == "127.0.0.1"
+    assert command.env["API_KEY"] == "k3y"
+    assert command.env["API_VERBOSE"] == "0"
+    assert "k3y" not in command.argv  # a local engine never sees the key in its argv (visible in `ps`)
+    assert command.argv[command.argv.index("--adapter_name_or_path") + 1] == "/a"
+
+
+def test_engine_scripts_are_fed_on_stdin(engine_python: Path) -> None:
+    command = engine_script_command(EngineSettings(python=str(engine_python)), "make_tiny_model.py", ["--out", "x"])
+    assert command.argv == [str(engine_python), "-", "--out", "x"]
+    assert command.stdin_file is not None and command.stdin_file.name == "make_tiny_model.py"
+    assert render_command(command).endswith("make_tiny_model.py")
+
+
+def test_missing_local_engine_python_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="does not exist"):
+        EngineSettings(python=str(tmp_path / "bin" / "python"))

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from npu_sft.llamafactory_config import loggable_params, resolve_deepspeed, resolve_train_config
+from npu_sft.settings import ConfigError, load_pipeline
+
+SEEDS = Path(__file__).resolve().parents[3] / "shared" / "seeds"
+
+
+@pytest.fixture
+def qwen7b(repo: Path, engine_python: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(repo)
+    return load_pipeline(repo / "configs/qwen7b.yaml", [f"engine.python={engine_python}"])
+
+
+def test_seed_yaml_is_used_unchanged(repo: Path) -> None:
+    seed = next(SEEDS.glob("000_*.txt")).read_text(encoding="utf-8")
+    block = re.search(r"cat << EOF > qwen1_5_lora_sft_ds.yaml\n(.*?)\n  EOF", seed, re.S).group(1)
+    seed_yaml = "\n".join(line[2:] for line in block.splitlines())
+    ours = (repo / "configs/llamafactory/qwen1_5_lora_sft_ds.yaml").read_text(encoding="utf-8")
+    body = "\n".join(line for line in ours.splitlines() if not line.startswith("# "))
+    assert body.strip() == seed_yaml.strip()
+
+
+def test_seed_deepspeed_path_maps_to_the_project_copy(qwen7b, repo: Path) -> None:
+    assert qwen7b.llamafactory["deepspeed"] == "examples/deepspeed/ds_z0_config.json"
+    assert resolve_deepspeed("examples/deepspeed/ds_z0_config.json", qwen7b) == repo / "configs/deepspeed/ds_z0_config.json"
+    assert resolve_deepspeed("ds_z3_offload", qwen7b) == repo / "configs/deepspeed/ds_z3_offload_config.json"
+    with pytest.raises(ConfigError, match="deepspeed: 'ds_z9' not found"):
+        resolve_deepspeed("ds_z9", qwen7b)
+
+
+def test_run_config_owns_paths_and_keeps_user_keys(qwen7b, tmp_path: Path) -> None:
+    config = resolve_train_config(
+        qwen7b,
+        model_path="/models/qwen",
+        data_args={"dataset_dir": str(tmp_path / "data"), "dataset": "train", "eval_dataset": "eval", "val_size": 0.0},
+        output_dir=tmp_path / "out",
+    )
+    assert config["model_name_or_path"] == "/models/qwen"
+    assert config["dataset"] == "train" and config["eval_dataset"] == "eval"
+    assert config["val_size"] == 0.0  # the split was made by preparation
+    assert config["output_dir"] == str(tmp_path / "out")
+    assert config["report_to"] == "none"
+    assert config["deepspeed"].endswith("configs/deepspeed/ds_z0_config.json")
+    assert config["fp16"] is True and config["learning_rate"] == 0.0001 and config["lora_target"] == "q_proj,v_proj"
+
+
+def test_params_leave_secrets_out() -> None:
+    params = loggable_params({"hf_hub_token": "hf_x", "ms_hub_token": "ms_y", "learning_rate": 0.0001, "fp16": True, "lora_target": "q_proj,v_proj"})
+    assert params == {"learning_rate": "0.0001", "fp16": "true", "lora_target": "q_proj,v_proj"}

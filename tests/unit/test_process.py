@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from npu_sft.process import is_progress_noise, run_streaming, start_background
+
+
+def test_streams_lines_without_progress_bars(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "print('loading model')\n"
+        "sys.stdout.write(' 10%|#         | 1/10 [00:01<00:09]\\r 20%|##        | 2/10 [00:02<00:08]\\n')\n"
+        "print(\"{'loss': 1.5, 'epoch': 0.1}\")\n"
+        "sys.exit(3)\n"
+    )
+    seen: list[str] = []
+    completed = run_streaming([sys.executable, "-c", script], log_file=tmp_path / "log.txt", on_line=seen.append)
+    assert completed.returncode == 3 and not completed.ok
+    assert seen == ["loading model", "{'loss': 1.5, 'epoch': 0.1}"]
+    assert "20%" in (tmp_path / "log.txt").read_text()  # the log keeps everything, the task log only the signal
+    assert completed.tail[-1] == "{'loss': 1.5, 'epoch': 0.1}"
+
+
+def test_progress_noise_detection() -> None:
+    assert is_progress_noise("  9%|█████████▊    | 126/1473 [01:15<13:13,  1.70it/s]")
+    assert not is_progress_noise("{'loss': 0.9742, 'grad_norm': 30533.9, 'epoch': 0.22}")
+
+
+def test_background_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
+    # The child spawns a grandchild (as torchrun spawns ranks); stopping must take both.
+    script = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    server = start_background([sys.executable, "-c", script], env=None, log_file=tmp_path / "bg.log")
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "bg.log").read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grandchild = int((tmp_path / "bg.log").read_text().split()[0])
+    server.stop(grace_s=5)
+    assert server.exited() is not None
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("grandchild survived stop()")

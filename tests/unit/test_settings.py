@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from npu_sft.settings import ConfigError, load_pipeline
+
+TINY = """\
+# npu-sft run this.yaml
+name: t
+model:
+  source: tiny
+data:
+  datasets:
+    - name: identity
+      source: builtin
+    - name: tiny_alpaca
+      source: builtin
+llamafactory:
+  config: {lf}
+engine:
+  python: {python}
+publish:
+  registered_model: m
+serve:
+  prompt: hi
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, repo: Path, engine_python: Path) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(TINY.format(lf=repo / "configs/llamafactory/tiny_lora_sft.yaml", python=engine_python))
+    return path
+
+
+def test_loads_and_merges_llamafactory_config(tiny_config: Path) -> None:
+    pipeline = load_pipeline(tiny_config, ["llamafactory.overrides.num_train_epochs=1", "devices.train=2"])
+    assert pipeline.llamafactory["num_train_epochs"] == 1
+    assert pipeline.llamafactory["template"] == "qwen"
+    assert pipeline.settings.devices.train == 2
+    assert pipeline.dataset_names == ["identity", "tiny_alpaca"]
+
+
+def test_missing_file_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml: pipeline config not found"):
+        load_pipeline(tmp_path / "nope.yaml")
+
+
+def test_yaml_syntax_error_names_the_line(tiny_config: Path) -> None:
+    text = tiny_config.read_text().replace("serve:\n  prompt: hi", "serve:\n  prompt: [hi")
+    tiny_config.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(tiny_config)
+    message = str(err.value)
+    assert message.startswith(f"{tiny_config}:")
+    assert "YAML syntax error" in message
+    assert "\n" not in message
+    line = int(message.split(":")[1])
+    assert line >= text.splitlines().index("  prompt: [hi") + 1
+
+
+def test_unknown_key_names_key_and_line(tiny_config: Path) -> None:
+    text = tiny_config.read_text().replace("  prompt: hi", "  promt: hi")
+    tiny_config.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(tiny_config)
+    line = text.splitlines().index("  promt: hi") + 1
+    assert str(err.value) == f"{tiny_config}:{line}: serve.promt: unknown key"
+
+
+def test_missing_engine_python_is_a_clear_error(tiny_config: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(tiny_config, ["engine.python=/nonexistent/bin/python"])
+    assert "engine.python" in str(err.value)
+    assert "/nonexistent/bin/python does not exist" in str(err.value)
+
+
+def test_dataset_without_source_is_refused(tiny_config: Path) -> None:
+    with pytest.raises(ConfigError, match="no source for dataset.*alpaca_en_demo"):
+        load_pipeline(tiny_config, ["llamafactory.overrides.dataset=identity,alpaca_en_demo"])
+
+
+def test_bad_set_syntax(tiny_config: Path) -> None:
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_pipeline(tiny_config, ["devices.train"])
+
+
+def test_shipped_configs_load(repo: Path, monkeypatch: pytest.MonkeyPatch, engine_python: Path) -> None:
+    monkeypatch.chdir(repo)
+    demo = load_pipeline(repo / "configs/tiny_cpu.yaml")
+    assert demo.settings.model.source == "tiny"
+    qwen = load_pipeline(repo / "configs/qwen7b.yaml", [f"engine.python={engine_python}"])
+    assert qwen.llamafactory["model_name_or_path"] == "qwen/Qwen1.5-7B"
+    assert qwen.settings.engine.env["USE_MODELSCOPE_HUB"] == "1"
+
+
+def test_every_config_starts_with_the_command_that_runs_it(repo: Path) -> None:
+    for path in [*repo.glob("configs/*.yaml"), *repo.glob("configs/llamafactory/*.yaml")]:
+        first_lines = path.read_text().splitlines()[:3]
+        assert first_lines[0].startswith("#"), path
+        assert any("npu-sft " in line for line in first_lines), path
