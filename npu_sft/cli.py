@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -49,9 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    return f"npu-sft: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _use_project_prefect_home()
+    warnings.formatwarning = _one_line_warnings
     from npu_sft.commands import BAD_INPUT_ERRORS, run_command
 
     try:

@@ -54,7 +54,7 @@ def plan(args: argparse.Namespace) -> int:
     from npu_sft.planning import render_plan
 
     pipeline = load_pipeline(args.config, args.overrides)
-    Console().print(*render_plan(pipeline))
+    Console().print(*render_plan(pipeline), sep="\n")
     return 0
 
 
@@ -62,7 +62,7 @@ def prepare(args: argparse.Namespace) -> int:
     from npu_sft.planning import prepare_alone
 
     pipeline = load_pipeline(args.config, args.overrides)
-    Console().print(*prepare_alone(pipeline))
+    Console().print(*prepare_alone(pipeline), sep="\n")
     return 0
 
 
@@ -70,5 +70,5 @@ def devices(args: argparse.Namespace) -> int:
     from npu_sft.devices import DeviceSettings
 
     settings = load_pipeline(args.config).settings.devices if args.config else DeviceSettings()
-    Console().print(*render_device_report(settings))
+    Console().print(*render_device_report(settings), sep="\n")
     return 0

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from npu_sft import process
-from npu_sft.engine import EngineSettings, engine_script_command
+from npu_sft.engine import engine_script_command
 from npu_sft.settings import ConfigError, Pipeline
 
 DEEPSPEED_SHORT_NAME = re.compile(r"^ds_z[0-3](_offload)?$")
@@ -74,10 +74,15 @@ def loggable_params(config: dict[str, Any], max_len: int = 500) -> dict[str, str
     return params
 
 
-def check_with_engine(engine: EngineSettings, config: dict[str, Any], source: Path, scratch_dir: Path) -> None:
-    """Parse `config` with LLaMA-Factory's own argument parser in the engine env; ConfigError if it refuses it.
-
-    `source` is the file the user edits, named in the error."""
+def check_with_engine(pipeline: Pipeline) -> None:
+    """Parse the pipeline's LLaMA-Factory config with LLaMA-Factory's own argument parser in the engine env, before
+    anything is downloaded or leased; ConfigError naming the user's file if it refuses it."""
+    config = dict(pipeline.llamafactory)
+    if config.get("deepspeed"):
+        config["deepspeed"] = str(resolve_deepspeed(str(config["deepspeed"]), pipeline))
+    engine = pipeline.settings.engine
+    source = pipeline.llamafactory_file
+    scratch_dir = pipeline.state_dir / "tmp"
     scratch_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=scratch_dir, delete=False, encoding="utf-8") as handle:
         yaml.safe_dump(config, handle, sort_keys=False, allow_unicode=True)

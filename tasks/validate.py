@@ -9,5 +9,5 @@ from npu_sft.settings import Pipeline
 @task
 def check_engine_config(pipeline: Pipeline) -> None:
     """LLaMA-Factory's own parser judges the config before anything is downloaded or any device is leased."""
-    check_with_engine(pipeline.settings.engine, pipeline.llamafactory, pipeline.llamafactory_file, pipeline.state_dir / "tmp")
+    check_with_engine(pipeline)
     get_run_logger().info("LLaMA-Factory accepts %s", pipeline.llamafactory_file)

@@ -76,15 +76,9 @@ class RowNormalizer:
             conversation = self._messages(row, reasons)
         if reasons:
             return reasons
-        return self._filled(conversation) if self._identity else conversation
-
-    def _filled(self, conversation: Conversation) -> Conversation:
-        name, author = self._identity.name, self._identity.author  # type: ignore[union-attr]
-        return Conversation(
-            system=fill_identity(conversation.system, name, author),
-            turns=tuple((role, fill_identity(content, name, author)) for role, content in conversation.turns),
-            tools=conversation.tools,
-        )
+        if self._identity is not None:
+            return _with_identity(conversation, self._identity)
+        return conversation
 
     # alpaca ---------------------------------------------------------------------------------------------------
 
@@ -111,10 +105,8 @@ class RowNormalizer:
         if history is None or history == "":
             return []
         if not isinstance(history, list):
-            reasons.append(
-                Reason("wrong_type", f"field '{column}' must be an array of [prompt, response] pairs, "
-                       f"got {_json_type(history)}")
-            )  # fmt: skip
+            expected = "an array of [prompt, response] pairs"
+            reasons.append(Reason("wrong_type", f"field '{column}' must be {expected}, got {_json_type(history)}"))
             return []
         turns: list[tuple[str, str]] = []
         for index, pair in enumerate(history, start=1):
@@ -230,6 +222,15 @@ class RowNormalizer:
             reasons.append(Reason("wrong_type", f"field '{column}' must be a string, got {_json_type(tools)}"))
             return ""
         return tools
+
+
+def _with_identity(conversation: Conversation, identity: Identity) -> Conversation:
+    name, author = identity.name, identity.author
+    return Conversation(
+        system=fill_identity(conversation.system, name, author),
+        turns=tuple((role, fill_identity(content, name, author)) for role, content in conversation.turns),
+        tools=conversation.tools,
+    )
 
 
 def _check_role_order(

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ STATS_FILE = "stats.json"
 FAILED_DIR = "failed"  # <out_root>/failed/<key>/ keeps the rejects of a run that did not pass its gates
 
 _TEMP_PREFIX = ".tmp-"
+# A temp dir older than this belongs to a killed run (a live one takes seconds to minutes), so it may go.
+_STALE_TEMP_SECONDS = 6 * 3600
 
 
 def dataset_registration(file_name: str) -> dict[str, Any]:
@@ -91,6 +94,16 @@ def read_stats(directory: Path) -> DatasetStats:
 def new_temp_dir(out_root: Path, key: str) -> Path:
     out_root.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{key}-", dir=out_root))
+
+
+def remove_stale_temp_dirs(out_root: Path) -> None:
+    """Temp dirs of runs killed before they could clean up; never a finished (renamed) directory."""
+    if not out_root.is_dir():
+        return
+    cutoff = time.time() - _STALE_TEMP_SECONDS
+    for entry in out_root.iterdir():
+        if entry.name.startswith(_TEMP_PREFIX) and entry.is_dir() and entry.stat().st_mtime < cutoff:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def publish(temp_dir: Path, final_dir: Path) -> bool:

@@ -34,6 +34,7 @@ from npu_sft.datasets.output import (
     publish,
     read_stats,
     reject_line,
+    remove_stale_temp_dirs,
     replace_dir,
     write_json,
     write_lines,
@@ -164,6 +165,7 @@ def prepare_datasets(
         )
 
     _log_warnings(stats)
+    remove_stale_temp_dirs(out_root)
     temp_dir = new_temp_dir(out_root, key)
     try:
         _write_prepared(temp_dir, validated, train_rows, eval_rows, stats)
@@ -423,10 +425,11 @@ def _source_stats(
 
 def _warnings(settings: DataSettings, stats: DatasetStats) -> list[str]:
     warnings = []
-    if stats.truncated_share is not None and stats.truncated_share > settings.truncation_warning_share:
+    tokens, truncated_share = stats.tokens, stats.truncated_share
+    if tokens is not None and truncated_share is not None and truncated_share > settings.truncation_warning_share:
         warnings.append(
-            f"{stats.truncated_share:.1%} of rows ({stats.truncated:,}) are longer than cutoff_len={stats.cutoff_len}"
-            f" tokens and will be truncated; raise cutoff_len or shorten them (p99 = {stats.tokens.p99} tokens)"  # type: ignore[union-attr]
+            f"{truncated_share:.1%} of rows ({stats.truncated:,}) are longer than cutoff_len={stats.cutoff_len}"
+            f" tokens and will be truncated; raise cutoff_len or shorten them (p99 = {tokens.p99} tokens)"
         )
     if stats.tokenizer is None:
         warnings.append("no tokenizer given: token lengths and the truncated share were not measured")

@@ -26,8 +26,6 @@ from npu_sft.datasets import (
 from npu_sft.datasets import output as output_module
 from npu_sft.datasets.prepare import eval_row_count, split_rows
 
-ENGINE_PYTHON = Path("/tmp/envs/engine/bin/python")
-
 
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -351,8 +349,7 @@ _ENGINE_LOAD_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.e2e
-@pytest.mark.skipif(not ENGINE_PYTHON.exists(), reason="no engine environment at /tmp/envs/engine")
-def test_llamafactory_loads_the_prepared_directory(tmp_path: Path) -> None:
+def test_llamafactory_loads_the_prepared_directory(tmp_path: Path, engine_python: Path) -> None:
     chat = tmp_path / "chat.jsonl"
     chat.write_text(
         json.dumps(
@@ -373,7 +370,7 @@ def test_llamafactory_loads_the_prepared_directory(tmp_path: Path) -> None:
     )
     environment = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1"}
     completed = subprocess.run(
-        [str(ENGINE_PYTHON), "-c", _ENGINE_LOAD_SCRIPT, str(prepared.dir), str(tmp_path / "lf")],
+        [str(engine_python), "-c", _ENGINE_LOAD_SCRIPT, str(prepared.dir), str(tmp_path / "lf")],
         capture_output=True,
         text=True,
         env=environment,
@@ -443,3 +440,12 @@ def test_unusable_tokenizer_files_are_clear_errors(tmp_path: Path) -> None:
         prepare(tmp_path / "out", "identity", tokenizer=wrong_json)
     with pytest.raises(DatasetError, match="cannot read the tokenizer"):
         prepare(tmp_path / "out", "identity", tokenizer=tmp_path / "missing.json")
+
+
+def test_temp_dirs_of_killed_runs_are_cleaned_up(tmp_path: Path) -> None:
+    out_root = tmp_path / "out"
+    stale = output_module.new_temp_dir(out_root, "killed")
+    fresh = output_module.new_temp_dir(out_root, "running")
+    os.utime(stale, (0, 0))
+    prepare(out_root, "identity")
+    assert not stale.exists() and fresh.exists()

@@ -1,0 +1,121 @@
+"""`npu-sft plan` and `npu-sft prepare`: one stage, or a dry run, outside Prefect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from rich.console import RenderableType
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.text import Text
+
+from npu_sft.datasets import prepare_datasets, render_prepare_report
+from npu_sft.devices import VISIBLE_DEVICES_VAR, take_inventory
+from npu_sft.devices.leases import candidate_ids
+from npu_sft.download import download_model, find_cached_download
+from npu_sft.engine import DistributedLaunch, render_command, torchrun_train_command
+from npu_sft.llamafactory_config import check_with_engine, resolve_train_config
+from npu_sft.settings import Pipeline, TinyModelSource
+from npu_sft.tiny_model import ensure_tiny_model, tokenizer_file
+
+MASTER_PORT_PLACEHOLDER = 0  # chosen (and reserved) when the task leases its devices
+TOKENIZER_PATTERNS = ["tokenizer*", "vocab*", "merges.txt", "*.json", "*.model", "*.tiktoken"]
+
+
+def planned_train_devices(pipeline: Pipeline) -> tuple[str, tuple[int, ...], dict[str, str]]:
+    """The devices the train task would lease if it started now (kind, ids, visible-devices env); leases nothing."""
+    settings = pipeline.settings.devices
+    inventory = take_inventory(settings)
+    candidates, needed = candidate_ids(inventory, settings.request_for("train"), "train")
+    ids = tuple(candidates[:needed])
+    variable = VISIBLE_DEVICES_VAR.get(inventory.kind)
+    env = {variable: ",".join(map(str, ids))} if variable else {}
+    return inventory.kind, ids, env
+
+
+def render_plan(pipeline: Pipeline) -> list[RenderableType]:
+    settings = pipeline.settings
+    check_with_engine(pipeline)
+    kind, ids, device_env = planned_train_devices(pipeline)
+    run_dir = pipeline.state_dir / "runs" / "<mlflow-run-id>"
+    config = resolve_train_config(
+        pipeline,
+        model_path=_planned_model_path(pipeline),
+        data_args=_planned_data_args(pipeline),
+        output_dir=run_dir / "output",
+    )
+    launch = DistributedLaunch(
+        nproc_per_node=len(ids),
+        master_port=MASTER_PORT_PLACEHOLDER,
+        nnodes=settings.training.nnodes,
+        node_rank=settings.training.node_rank,
+        master_addr=settings.training.master_addr,
+    )
+    command = torchrun_train_command(settings.engine, launch, run_dir / "llamafactory.yaml", env=device_env)
+    shown_env = [*device_env, *settings.engine.env] if settings.engine.is_local else []
+    line = render_command(command, shown_env).replace("--master_port 0", "--master_port <free port, reserved at launch>")
+
+    summary = Table(title=f"plan: {settings.name}", show_header=False, title_justify="left")
+    summary.add_row("pipeline config", str(pipeline.config_file))
+    summary.add_row("LLaMA-Factory config", f"{pipeline.llamafactory_file} (accepted by LLaMA-Factory's parser)")
+    summary.add_row("train devices", f"{kind} {','.join(map(str, ids))} ({len(ids)} of this host's free devices)")
+    summary.add_row("model", _describe_model(pipeline))
+    return [
+        summary,
+        Text("Resolved LLaMA-Factory config:", style="bold"),
+        Syntax(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), "yaml"),
+        Text("Engine command:", style="bold"),
+        Text(line),
+        Text("Nothing was started: no download, no dataset preparation, no device lease.", style="dim"),
+    ]
+
+
+def _planned_data_args(pipeline: Pipeline) -> dict[str, object]:
+    args: dict[str, object] = {"dataset_dir": str(pipeline.state_dir / "datasets" / "<content-hash>"), "dataset": "train"}
+    if pipeline.val_size:
+        args.update({"eval_dataset": "eval", "val_size": 0.0})
+    return args
+
+
+def _describe_model(pipeline: Pipeline) -> str:
+    source = pipeline.settings.model
+    if isinstance(source, TinyModelSource):
+        return f"embedded tiny Qwen2 model (generated locally, seed {source.seed})"
+    if source.source == "local":
+        return f"local directory {source.path}"
+    return f"ModelScope {source.id} @ {source.revision}"
+
+
+def _planned_model_path(pipeline: Pipeline) -> str:
+    source = pipeline.settings.model
+    if isinstance(source, TinyModelSource):
+        return str(pipeline.state_dir / "models" / "tiny-qwen2-<hash>")
+    if source.source == "local":
+        return str(source.path)
+    return f"<ModelScope cache>/{source.id} (revision {source.revision})"
+
+
+def model_tokenizer(pipeline: Pipeline) -> Path | None:
+    """The model's tokenizer for dataset statistics, fetching only the tokenizer when the model is not cached."""
+    source = pipeline.settings.model
+    if isinstance(source, TinyModelSource):
+        return tokenizer_file(ensure_tiny_model(pipeline.settings.engine, pipeline.state_dir / "models", source.seed))
+    if source.source == "local":
+        return tokenizer_file(Path(source.path))
+    cached = find_cached_download(source)
+    if cached is not None:
+        return tokenizer_file(cached.path)
+    tokenizer_only = source.model_copy(update={"allow_patterns": TOKENIZER_PATTERNS})
+    return tokenizer_file(download_model(tokenizer_only).path)
+
+
+def prepare_alone(pipeline: Pipeline) -> list[RenderableType]:
+    prepared = prepare_datasets(
+        pipeline.data_settings(),
+        val_size=pipeline.val_size,
+        cutoff_len=pipeline.cutoff_len,
+        tokenizer_file=model_tokenizer(pipeline),
+        out_root=pipeline.state_dir / "datasets",
+    )
+    return render_prepare_report(prepared)

@@ -1,0 +1,90 @@
+"""The `npu-sft` command as a user meets it: bad input is one line and a non-zero exit, and nothing starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FAKES = Path(__file__).resolve().parents[1] / "fakes" / "bin"
+
+
+def npu_sft(*args: str, cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PREFECT_HOME": str(cwd / ".prefect"), **(extra_env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "npu_sft.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_refused_before_anything_started(result: subprocess.CompletedProcess[str], cwd: Path, *expected: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("npu-sft: warning:")]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("npu-sft: error: ")
+    for text in expected:
+        assert text in lines[0]
+    assert not (cwd / "mlruns").exists() and not (cwd / ".npu-sft" / "runs").exists()
+
+
+@pytest.fixture
+def demo_copy(tmp_path: Path, repo: Path, engine_python: Path) -> Path:
+    config = tmp_path / "pipeline.yaml"
+    text = (repo / "configs/tiny_cpu.yaml").read_text()
+    text = text.replace("config: llamafactory/tiny_lora_sft.yaml", f"config: {repo}/configs/llamafactory/tiny_lora_sft.yaml")
+    config.write_text(text + f"\nengine:\n  python: {engine_python}\n")
+    return config
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = npu_sft("run", "nope.yaml", cwd=tmp_path)
+    assert_refused_before_anything_started(result, tmp_path, "nope.yaml: pipeline config not found")
+
+
+def test_yaml_syntax_error(tmp_path: Path, demo_copy: Path) -> None:
+    demo_copy.write_text(demo_copy.read_text().replace("name: tiny-cpu", "name: [tiny-cpu"))
+    result = npu_sft("run", str(demo_copy), cwd=tmp_path)
+    assert_refused_before_anything_started(result, tmp_path, f"{demo_copy}:", "YAML syntax error")
+
+
+def test_unknown_pipeline_key(tmp_path: Path, demo_copy: Path) -> None:
+    demo_copy.write_text(demo_copy.read_text().replace("  max_tokens: 24", "  max_tokens: 24\n  temprature: 0.5"))
+    line = demo_copy.read_text().splitlines().index("  temprature: 0.5") + 1
+    result = npu_sft("run", str(demo_copy), cwd=tmp_path)
+    assert_refused_before_anything_started(result, tmp_path, f"{demo_copy}:{line}: serve.temprature: unknown key")
+
+
+def test_engine_python_that_does_not_exist(tmp_path: Path, demo_copy: Path) -> None:
+    result = npu_sft("run", str(demo_copy), "--set", "engine.python=/opt/missing/bin/python", cwd=tmp_path)
+    assert_refused_before_anything_started(result, tmp_path, "engine.python", "/opt/missing/bin/python does not exist")
+
+
+def test_more_train_devices_than_the_host_has(tmp_path: Path, repo: Path, engine_python: Path) -> None:
+    result = npu_sft(
+        "plan", str(repo / "configs/qwen7b.yaml"), "--set", "devices.train=9", "--set", f"engine.python={engine_python}",
+        "--set", "engine.env_script=null", "--set", f"devices.state_dir={tmp_path / 'leases'}",
+        cwd=tmp_path, extra_env={"PATH": f"{FAKES}:{os.environ['PATH']}", "FAKE_NPU_SMI_FIXTURE": "8x910B3"},
+    )
+    assert_refused_before_anything_started(result, tmp_path, "asks for 9 npu devices but this host has 8")
+
+
+@pytest.mark.e2e
+def test_plan_for_the_seed_recipe_on_an_8_card_host(tmp_path: Path, repo: Path, engine_python: Path) -> None:
+    """The seed's single-card launch: torchrun --nproc_per_node 1 with ASCEND_RT_VISIBLE_DEVICES naming a free card."""
+    result = npu_sft(
+        "plan", str(repo / "configs/qwen7b.yaml"), "--set", "devices.train=1", "--set", f"engine.python={engine_python}",
+        "--set", "engine.env_script=null", "--set", f"devices.state_dir={tmp_path / 'leases'}",
+        cwd=tmp_path, extra_env={"PATH": f"{FAKES}:{os.environ['PATH']}", "FAKE_NPU_SMI_FIXTURE": "8x910B3_busy", "COLUMNS": "400"},
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "--nproc_per_node 1" in out and "-m llamafactory.launcher" in out
+    assert "deepspeed: " + str(repo / "configs/deepspeed/ds_z0_config.json") in out
+    visible = [w for w in out.split() if w.startswith("ASCEND_RT_VISIBLE_DEVICES=")]
+    assert len(visible) == 1
+    card = int(visible[0].split("=")[1])
+    busy_fixture = (FAKES.parent / "fixtures/devices/npu_smi_info_8x910B3_busy.txt").read_text()
+    assert f"| {card}       " not in busy_fixture.split("Process id")[-1]  # not a card with a foreign process
+    assert not (tmp_path / ".npu-sft" / "runs").exists() and not (tmp_path / "mlruns").exists()
