@@ -15,7 +15,7 @@ from npu_sft.tiny_model import tokenizer_file
 from npu_sft.tracking import client_for
 from tasks.evaluate import evaluate
 from tasks.model import fetch_model
-from tasks.prepare import prepare_datasets_task
+from tasks.prepare import download_datasets_task, prepare_datasets_task
 from tasks.publish import publish
 from tasks.serve import serve_smoke_test
 from tasks.tracking import finish_tracking, start_tracking
@@ -38,13 +38,17 @@ def sft(config: str, overrides: list[str] | None = None) -> SftResult:
     run = start_tracking(pipeline)
     try:
         model_path = fetch_model(pipeline, run)
+        mlflow_client = client_for(run.mlflow)
+        data_sources = download_datasets_task(
+            pipeline.data_settings(), pipeline.hub_source, mlflow_client, run.mlflow_run_id
+        )
         data = prepare_datasets_task(
-            pipeline.data_settings(),
+            data_sources,
             val_size=pipeline.val_size,
             cutoff_len=pipeline.cutoff_len,
             tokenizer_file=tokenizer_file(model_path),
             out_root=pipeline.state_dir / "datasets",
-            mlflow_client=client_for(run.mlflow),
+            mlflow_client=mlflow_client,
             mlflow_run_id=run.mlflow_run_id,
         )
         trained = train(pipeline, run, model_path, data)

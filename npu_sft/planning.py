@@ -14,6 +14,7 @@ from npu_sft.datasets import prepare_datasets, render_prepare_report
 from npu_sft.devices import VISIBLE_DEVICES_VAR, take_inventory
 from npu_sft.devices.leases import candidate_ids
 from npu_sft.download import download_model, find_cached_download
+from npu_sft.download.datasets import with_downloaded_datasets
 from npu_sft.engine import DistributedLaunch, render_command, torchrun_train_command
 from npu_sft.llamafactory_config import check_with_engine, resolve_train_config
 from npu_sft.settings import Pipeline, TinyModelSource
@@ -111,8 +112,9 @@ def model_tokenizer(pipeline: Pipeline) -> Path | None:
 
 
 def prepare_alone(pipeline: Pipeline) -> list[RenderableType]:
+    data_settings, _ = with_downloaded_datasets(pipeline.data_settings(), pipeline.hub_source)
     prepared = prepare_datasets(
-        pipeline.data_settings(),
+        data_settings,
         val_size=pipeline.val_size,
         cutoff_len=pipeline.cutoff_len,
         tokenizer_file=model_tokenizer(pipeline),

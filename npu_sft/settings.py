@@ -110,6 +110,12 @@ class Pipeline(BaseModel):
     def cutoff_len(self) -> int:
         return int(self.llamafactory.get("cutoff_len", LLAMAFACTORY_DEFAULT_CUTOFF_LEN))
 
+    @property
+    def hub_source(self) -> ModelSource | None:
+        """The model's ModelScope settings (endpoint, cache, offline), which dataset repositories follow too."""
+        model = self.settings.model
+        return model if isinstance(model, ModelSource) else None
+
     def data_settings(self) -> DataSettings:
         """The data sources the LLaMA-Factory config's `dataset:` names, in its order."""
         by_name = {spec.name: spec for spec in self.settings.data.datasets}

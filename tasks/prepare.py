@@ -10,11 +10,26 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from npu_sft.datasets import DataSettings, PreparedData, log_dataset_stats, prepare_datasets, stats_table_rows
+from npu_sft.download import ModelSource, log_manifest
+from npu_sft.download.datasets import with_downloaded_datasets
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # noqa: TC004 (Prefect resolves the annotations of task parameters)
 
 STATS_ARTIFACT_KEY = "dataset-stats"
+
+
+@task(name="download-datasets", cache_policy=NO_CACHE)
+def download_datasets_task(
+    settings: DataSettings, model: ModelSource | None, mlflow_client: MlflowClient, mlflow_run_id: str
+) -> DataSettings:
+    """ModelScope dataset repositories, through the same pinned, cached, verified path as models; each one's
+    manifest goes into the run, so it says exactly which data it trained on."""
+    resolved, downloads = with_downloaded_datasets(settings, model)
+    for name, downloaded in downloads:
+        get_run_logger().info("dataset %s: %s @ %s in %s", name, downloaded.model_id, downloaded.resolved_revision, downloaded.path)
+        log_manifest(mlflow_client, mlflow_run_id, downloaded, prefix=f"dataset.{name}")
+    return resolved
 
 
 # NO_CACHE: the prepared directory is already content-addressed (a re-run is a cache hit there), and Prefect
