@@ -47,6 +47,18 @@ class TrainingSettings(_Strict):
     nnodes: int = Field(1, ge=1)
     node_rank: int = Field(0, ge=0)
     master_addr: str = "127.0.0.1"
+    max_attempts: int = Field(
+        3, ge=1, description="attempts per training, the first included; a retry resumes from the newest complete "
+        "checkpoint. Out-of-memory and configuration errors are never retried"
+    )
+    retry_delay_s: float = Field(5.0, ge=0, description="pause before a retry, so the ports and memory are let go")
+    device_settle_s: float = Field(
+        10.0, ge=0, description="after HCCL finds a card still busy (EJ0001), wait this long once npu-smi shows the "
+        "cards idle (HCCL's own advice is 10 s)"
+    )
+    device_release_timeout_s: float = Field(
+        600.0, gt=0, description="how long to wait for a previous training's processes to leave the cards"
+    )
 
 
 class MlflowSettings(_Strict):

@@ -12,21 +12,31 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from npu_sft.devices import DeviceSettings, current_leases
+
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory, repo: Path, engine_python: Path) -> dict:
     project = tmp_path_factory.mktemp("demo-project")
-    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
-    env.pop("PREFECT_API_URL", None)
-    completed = subprocess.run(
-        [sys.executable, "-m", "npu_sft.cli", "demo", "--set", f"engine.python={engine_python}"],
-        cwd=project, env=env, capture_output=True, text=True, timeout=900,
-    )
+    completed = run_cli(project, "demo", "--set", f"engine.python={engine_python}",
+                        "--set", f"devices.state_dir={project / 'leases'}")
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     uri = f"sqlite:///{project}/mlruns/mlflow.db"
     return {"project": project, "stdout": completed.stdout, "client": MlflowClient(uri, registry_uri=uri), "uri": uri}
+
+
+def run_cli(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "npu_sft.cli", *args], cwd=project, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def live_leases(state_dir: Path) -> list:
+    return current_leases(DeviceSettings(kind="cpu", state_dir=state_dir))
 
 
 def test_demo_prints_where_to_look(demo_run: dict) -> None:
@@ -69,3 +79,32 @@ def test_run_directory_is_the_runs_own(demo_run: dict) -> None:
     output = run_dirs[0] / "output"
     assert (output / "adapter_model.safetensors").is_file()
     assert (output / "trainer_log.jsonl").is_file()
+
+
+def test_mlflow_run_holds_the_dataset_statistics(demo_run: dict) -> None:
+    client: MlflowClient = demo_run["client"]
+    run = client.search_runs([client.get_experiment_by_name("sft-tiny").experiment_id])[0]
+    metrics = run.data.metrics
+    assert metrics["data.identity.valid_rows"] > 0 and metrics["data.tiny_alpaca.valid_rows"] > 0
+    assert metrics["data.train_rows"] + metrics["data.eval_rows"] == metrics["data.valid_rows"] - metrics["data.duplicate_rows"]
+    assert metrics["data.eval_rows"] == math.ceil(0.1 * metrics["data.valid_rows"])  # val_size 0.1, rounded up like HF
+    assert 0 < metrics["data.tokens_p50"] <= metrics["data.tokens_max"]
+    assert "datasets" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_train_and_serve_leases_are_released(demo_run: dict) -> None:
+    assert live_leases(demo_run["project"] / "leases") == []
+
+
+def test_failed_training_releases_its_devices_and_fails_the_mlflow_run(tmp_path: Path, engine_python: Path) -> None:
+    # LLaMA-Factory's parser accepts any lora_target name; peft refuses it when the model loads, inside torchrun.
+    completed = run_cli(
+        tmp_path, "demo", "--set", f"engine.python={engine_python}", "--set", f"devices.state_dir={tmp_path / 'leases'}",
+        "--set", "llamafactory.overrides.lora_target=no_such_proj", "--set", "mlflow.experiment=sft-broken",
+    )
+    assert completed.returncode != 0
+    assert "training failed" in completed.stdout + completed.stderr
+    assert live_leases(tmp_path / "leases") == []
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("sft-broken").experiment_id])
+    assert [run.info.status for run in runs] == ["FAILED"]
