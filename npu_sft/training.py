@@ -1,4 +1,13 @@
-"""LoRA SFT under torchrun in the engine env, and reading what LLaMA-Factory writes while and after it trains."""
+"""LoRA SFT under torchrun in the engine env, retried after failures, and reading what LLaMA-Factory writes while and
+after it trains.
+
+    result = run_training(engine, launch, config_file, output_dir, device_env=..., log_file=..., on_line=log.info,
+                          on_metrics=log_to_mlflow, policy=RetryPolicy.from_settings(settings.training))
+
+One call is one training: up to `policy.max_attempts` torchrun attempts. A failed attempt is classified
+(`npu_sft.recovery.classify_failure`); a retryable one is followed by a wait (and, on NPUs, by npu-smi confirming
+the cards are idle) and an attempt that resumes from the newest COMPLETE checkpoint in the run's output dir.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +15,54 @@ import json
 import math
 import shutil
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from npu_sft import process
+import yaml
+
+from npu_sft import process, tracking
 from npu_sft.engine import DistributedLaunch, EngineSettings, torchrun_train_command
+from npu_sft.recovery import (
+    DeviceProbe,
+    DevicesStillBusy,
+    Failure,
+    FailureKind,
+    ResumePoint,
+    classify_failure,
+    find_resume_point,
+    set_aside,
+    wait_for_idle_devices,
+)
+from npu_sft.settings import MlflowSettings, TrainingSettings
 
 TRAINER_LOG = "trainer_log.jsonl"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Files LLaMA-Factory writes beside the adapter that a server or a later merge needs too.
 ADAPTER_COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "README.md")
 STEP_METRIC_NAMES = {"loss": "loss", "lr": "learning_rate", "eval_loss": "eval_loss", "epoch": "epoch"}
+# Written by LLaMA-Factory when RECORD_VRAM=1: the device allocator's peak so far, in GiB (0 on the CPU).
+DEVICE_MEMORY_METRIC_NAMES = {"vram_allocated": "peak_device_memory_allocated_gb", "vram_reserved": "peak_device_memory_reserved_gb"}
+
+Metric = tuple[str, float, int]  # (MLflow key, value, step)
+
+
+class CommandRunner(Protocol):
+    def __call__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_file: Path | None = None,
+        on_line: Callable[[str], None] | None = None,
+    ) -> process.CompletedCommand: ...
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Following trainer_log.jsonl
+# --------------------------------------------------------------------------------------------------------------------
 
 
 class TrainerLogFollower:
@@ -32,6 +76,9 @@ class TrainerLogFollower:
     def read_new(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
             return []
+        if self.path.stat().st_size < self._offset:
+            # LLaMA-Factory deletes an old trainer log when it starts with overwrite_output_dir: start over.
+            self._offset, self._partial = 0, ""
         with self.path.open("r", encoding="utf-8") as handle:
             handle.seek(self._offset)
             chunk = handle.read()
@@ -42,22 +89,241 @@ class TrainerLogFollower:
         return [json.loads(line) for line in lines if line.strip()]
 
 
-def step_metrics(record: Mapping[str, Any]) -> list[tuple[str, float, int]]:
+def step_metrics(record: Mapping[str, Any]) -> list[Metric]:
     """One trainer_log record as MLflow (key, value, step) triples."""
     step = int(record["current_steps"])
-    return [
+    metrics = [
         (name, float(record[key]), step)
         for key, name in STEP_METRIC_NAMES.items()
         if isinstance(record.get(key), (int, float))
     ]
+    # The CPU reports 0 (and -1 reserved): no device memory to speak of, so nothing is logged.
+    metrics += [
+        (name, float(record[key]), step)
+        for key, name in DEVICE_MEMORY_METRIC_NAMES.items()
+        if isinstance(record.get(key), (int, float)) and record[key] > 0
+    ]
+    return metrics
+
+
+class StepLedger:
+    """The newest step logged per metric, so a resumed attempt that re-runs the steps after its checkpoint does not
+    log those steps a second time: the loss curve keeps one point per step."""
+
+    def __init__(self, logged: Mapping[str, int] | None = None):
+        self._last: dict[str, int] = dict(logged or {})
+
+    def new_only(self, metrics: Iterable[Metric]) -> list[Metric]:
+        kept: list[Metric] = []
+        for key, value, step in metrics:
+            if step <= self._last.get(key, -1):
+                continue
+            self._last[key] = step
+            kept.append((key, value, step))
+        return kept
+
+
+def mlflow_metric_sink(settings: MlflowSettings, run_id: str) -> Callable[[list[Metric]], None]:
+    """`on_metrics` for run_training: each batch of new step metrics into the run's MLflow run."""
+
+    def log(metrics: list[Metric]) -> None:
+        tracking.log_metrics(settings, run_id, metrics)
+
+    return log
+
+
+def mlflow_logged_steps(settings: MlflowSettings, run_id: str) -> dict[str, int]:
+    """The newest step of each step metric the MLflow run already holds (from an earlier run of the train task)."""
+    client = tracking.client_for(settings)
+    logged: dict[str, int] = {}
+    for key in [*STEP_METRIC_NAMES.values(), *DEVICE_MEMORY_METRIC_NAMES.values()]:
+        history = client.get_metric_history(run_id, key)
+        if history:
+            logged[key] = max(metric.step for metric in history)
+    return logged
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Host memory of the ranks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class RankMemorySampler:
+    """The largest resident-set high-water mark (VmHWM) among the rank processes of one attempt, read from /proc.
+
+    Ranks are found by their command line: torchrun starts them with the attempt's config file as an argument,
+    which also finds them when the engine runs in a container on this host. Host RAM, not device memory.
+    """
+
+    REDISCOVER_EVERY = 10  # samples; ranks start a moment after torchrun, DataLoader workers come and go
+
+    def __init__(self, config_file: Path, proc_root: Path = Path("/proc")):
+        self._marker = str(config_file)
+        self._proc = proc_root
+        self._pids: set[int] = set()
+        self._samples = 0
+        self.peak_kib: int | None = None
+
+    def _discover(self) -> None:
+        if not self._proc.is_dir():  # not Linux: no figure rather than a wrong one
+            return
+        for entry in self._proc.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:  # exited meanwhile, or not ours to read
+                continue
+            args = [arg.decode("utf-8", "replace") for arg in argv]
+            if self._marker in args and "llamafactory.launcher" in args and "torch.distributed.run" not in args:
+                self._pids.add(int(entry.name))
+
+    def sample(self) -> None:
+        if not self._pids or self._samples % self.REDISCOVER_EVERY == 0:
+            self._discover()
+        self._samples += 1
+        for pid in list(self._pids):
+            try:
+                status = (self._proc / str(pid) / "status").read_text()
+            except OSError:
+                self._pids.discard(pid)
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    kib = int(line.split()[1])
+                    self.peak_kib = max(self.peak_kib or 0, kib)
+
+    @property
+    def peak_mb(self) -> float | None:
+        return None if self.peak_kib is None else self.peak_kib / 1024
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Attempts and retries
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 3
+    retry_delay_s: float = 5.0
+    device_settle_s: float = 10.0
+    device_release_timeout_s: float = 600.0
+    device_poll_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+
+    @classmethod
+    def from_settings(cls, settings: TrainingSettings) -> RetryPolicy:
+        return cls(
+            max_attempts=settings.max_attempts,
+            retry_delay_s=settings.retry_delay_s,
+            device_settle_s=settings.device_settle_s,
+            device_release_timeout_s=settings.device_release_timeout_s,
+        )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    number: int
+    config_file: Path
+    resumed_from_step: int  # 0: from the beginning
+    returncode: int
+    wall_time_s: float
+    last_step: int | None  # the newest step its trainer log reached
+    failure: Failure | None
 
 
 @dataclass(frozen=True)
 class TrainingResult:
     output_dir: Path
-    wall_time_s: float
+    wall_time_s: float  # the whole training: every attempt, and the waits between them
     log_file: Path
     records: list[dict[str, Any]]
+    attempts: list[Attempt] = field(default_factory=list)
+    peak_rank_rss_mb: float | None = None
+
+
+class TrainingFailed(process.CommandFailed):
+    """Training failed for good: a failure that is not retried, attempts used up, or cards that never came free."""
+
+    def __init__(self, completed: process.CompletedCommand, failure: Failure, attempts: list[Attempt], why: str):
+        self.failure = failure
+        self.attempts = attempts
+        super().__init__(completed, f"training ({why}; attempt {len(attempts)}: {failure.describe()})")
+
+
+def launch_env(device_kind: str) -> dict[str, str]:
+    """Variables every training launch gets on top of the device lease's."""
+    env = {"RECORD_VRAM": "1"}  # LLaMA-Factory then logs the device allocator's peak with every step
+    if device_kind == "cpu":
+        # Under torchrun accelerate names the CPU "cpu:0", and torch.load(map_location="cpu:0") cannot restore the
+        # optimizer state of a checkpoint: resuming would fail. Plain "cpu" is the same device.
+        env["ACCELERATE_TORCH_DEVICE"] = "cpu"
+    return env
+
+
+def _attempt_config(config_file: Path, number: int, resume: ResumePoint) -> Path:
+    """The engine config of attempt `number`: the run's config, plus where to resume from."""
+    if number == 1 and resume.checkpoint is None:
+        return config_file
+    config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    if resume.checkpoint is not None:
+        config["resume_from_checkpoint"] = str(resume.checkpoint.path)
+    # Resuming is explicit: LLaMA-Factory must neither pick a checkpoint by itself nor refuse the non-empty dir.
+    config["overwrite_output_dir"] = True
+    path = config_file.with_name(f"{config_file.stem}.attempt-{number}{config_file.suffix}")
+    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def _prepare_output_dir(output_dir: Path, number: int, on_event: Callable[[str], None]) -> ResumePoint:
+    """Find where attempt `number` resumes from, move incomplete checkpoints and the previous trainer log aside."""
+    resume = find_resume_point(output_dir)
+    for check in resume.skipped:
+        moved = set_aside(check)
+        on_event(f"skipping incomplete {check.path.name} ({'; '.join(check.problems)}); moved to {moved.name}")
+    trainer_log = output_dir / TRAINER_LOG
+    if trainer_log.exists():
+        # Each attempt's log stays readable; the new attempt writes (and the follower reads) a fresh one.
+        trainer_log.rename(output_dir / f"trainer_log.before-attempt-{number}.jsonl")
+    return resume
+
+
+def _append_to_log(log_file: Path, line: str) -> None:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+
+
+def _wait_before_retry(
+    failure: Failure,
+    policy: RetryPolicy,
+    *,
+    device_ids: Sequence[int],
+    device_probe: DeviceProbe | None,
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+    on_event: Callable[[str], None],
+) -> None:
+    if device_probe is not None and device_ids:
+        # HCCL refuses a card a previous process still holds (EJ0001): confirm they have all gone first.
+        wait_for_idle_devices(
+            device_ids,
+            device_probe,
+            timeout_s=policy.device_release_timeout_s,
+            poll_s=policy.device_poll_s,
+            sleep=sleep,
+            clock=clock,
+            on_wait=on_event,
+        )
+    if failure.kind is FailureKind.DEVICE_BUSY:
+        on_event(f"cards are idle; waiting {policy.device_settle_s:.0f} s more, as HCCL advises, before retrying")
+        sleep(policy.device_settle_s)
+    elif policy.retry_delay_s > 0:
+        sleep(policy.retry_delay_s)
 
 
 def run_training(
@@ -69,30 +335,156 @@ def run_training(
     device_env: Mapping[str, str],
     log_file: Path,
     on_line: Callable[[str], None],
-    on_records: Callable[[list[dict[str, Any]]], None],
+    on_metrics: Callable[[list[Metric]], None],
+    on_progress: Callable[[float], None] | None = None,
+    on_event: Callable[[str], None] | None = None,
+    policy: RetryPolicy = RetryPolicy(),
+    device_ids: Sequence[int] = (),
+    device_probe: DeviceProbe | None = None,
+    logged_steps: Mapping[str, int] | None = None,
+    run_command: CommandRunner = process.run_streaming,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
     poll_interval_s: float = 1.0,
 ) -> TrainingResult:
-    """Run one torchrun training to completion, following trainer_log.jsonl while it runs."""
-    command = torchrun_train_command(engine, launch, config_file, env=device_env)
-    follower = TrainerLogFollower(output_dir / TRAINER_LOG)
+    """Train to completion in up to `policy.max_attempts` torchrun attempts, following trainer_log.jsonl live.
+
+    `on_metrics` gets each logged step's metrics once (never a step twice, across attempts; `logged_steps` names
+    steps logged before this call, e.g. by an earlier run of the same task). `on_event` gets this function's own
+    messages (retries, resume points); engine output goes to `on_line`. `device_probe` (npu-smi on NPU hosts) lists
+    the processes on `device_ids`, to confirm a failed attempt has left the cards before the next one starts.
+    """
+    event = on_event or on_line
+    ledger = StepLedger(logged_steps)
     records: list[dict[str, Any]] = []
+    attempts: list[Attempt] = []
+    peak_rss_kib: int | None = None
+    started = clock()
+    for number in range(1, policy.max_attempts + 1):
+        resume = _prepare_output_dir(output_dir, number, event)
+        attempt_config = _attempt_config(config_file, number, resume)
+        where = f"resuming from {resume.checkpoint.path.name}" if resume.checkpoint else "from the beginning"
+        header = f"training attempt {number}/{policy.max_attempts}, {where}"
+        event(header)
+        _append_to_log(log_file, f"===== npu-sft: {header} =====")
 
-    def poll() -> None:
-        new = follower.read_new()
-        if new:
-            records.extend(new)
-            on_records(new)
+        follower = TrainerLogFollower(output_dir / TRAINER_LOG)
+        sampler = RankMemorySampler(attempt_config)
+        attempt_records: list[dict[str, Any]] = []
 
-    stop = threading.Event()
-    thread = process.follow_in_thread(poll, stop, poll_interval_s)
-    try:
-        completed = process.run_streaming(command.argv, env=command.env, log_file=log_file, on_line=on_line)
-    finally:
-        stop.set()
-        thread.join()
-    if not completed.ok:
-        raise process.CommandFailed(completed, "training")
-    return TrainingResult(output_dir, completed.wall_time_s, log_file, records)
+        def poll() -> None:
+            sampler.sample()
+            new = follower.read_new()
+            if not new:
+                return
+            attempt_records.extend(new)
+            metrics = ledger.new_only(m for record in new for m in step_metrics(record))
+            if metrics:
+                on_metrics(metrics)
+            percentages = [r["percentage"] for r in new if isinstance(r.get("percentage"), (int, float))]
+            if percentages and on_progress is not None:
+                on_progress(float(percentages[-1]))
+
+        command = torchrun_train_command(engine, launch, attempt_config, env=device_env)
+        stop = threading.Event()
+        thread = process.follow_in_thread(poll, stop, poll_interval_s)
+        try:
+            completed = run_command(command.argv, env=command.env, log_file=log_file, on_line=on_line)
+        finally:
+            stop.set()
+            thread.join()
+        records.extend(attempt_records)
+        if sampler.peak_kib is not None:
+            peak_rss_kib = max(peak_rss_kib or 0, sampler.peak_kib)
+        steps = [int(r["current_steps"]) for r in attempt_records if "current_steps" in r]
+        failure = None if completed.ok else classify_failure(completed.tail, completed.returncode)
+        attempts.append(
+            Attempt(number, attempt_config, resume.step, completed.returncode, completed.wall_time_s,
+                    max(steps, default=None), failure)
+        )
+        if failure is None:
+            return TrainingResult(
+                output_dir, clock() - started, log_file, records, attempts,
+                None if peak_rss_kib is None else peak_rss_kib / 1024,
+            )
+        if not failure.retryable:
+            raise TrainingFailed(completed, failure, attempts, "not retried")
+        if number == policy.max_attempts:
+            raise TrainingFailed(completed, failure, attempts, f"gave up after {number} attempts")
+        event(f"training attempt {number}/{policy.max_attempts} {failure.describe()}; retrying")
+        try:
+            _wait_before_retry(
+                failure, policy, device_ids=device_ids, device_probe=device_probe, sleep=sleep, clock=clock,
+                on_event=event,
+            )
+        except DevicesStillBusy as err:
+            raise TrainingFailed(completed, failure, attempts, str(err)) from err
+    raise RuntimeError("unreachable: every attempt returns or raises, and RetryPolicy has max_attempts >= 1")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Run figures
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def run_figures(
+    result: TrainingResult, *, world_size: int, train_tokens_per_epoch: float | None = None
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Figures of the whole training, as MLflow metrics (`train/...`) and tags saying where each came from.
+
+    LLaMA-Factory's samples/s divides ALL planned samples by the last attempt's runtime, which overstates the rate
+    after a resume; here it is scaled by the share of the steps the last attempt actually ran. Tokens/s is
+    LLaMA-Factory's (`include_effective_tokens_per_second: true`, per device, so times the world size) when it
+    reports it, else `train_tokens_per_epoch` (from the dataset statistics) over the same time.
+    """
+    metrics: dict[str, float] = {
+        "train/attempts": float(len(result.attempts)),
+        "train/wall_time_s": result.wall_time_s,
+    }
+    tags: dict[str, str] = {}
+    state = _read_json(result.output_dir / "trainer_state.json")
+    train = _read_json(result.output_dir / "train_results.json")
+    final_step = state.get("global_step")
+    if isinstance(final_step, int):
+        metrics["train/steps"] = float(final_step)
+    runtime = train.get("train_runtime")
+    resumed = result.attempts[-1].resumed_from_step if result.attempts else 0
+    if isinstance(final_step, int) and final_step > 0 and isinstance(runtime, (int, float)) and runtime > 0:
+        ran_share = (final_step - resumed) / final_step
+        metrics["train/loop_time_s"] = float(runtime)
+        if isinstance(train.get("train_samples_per_second"), (int, float)):
+            metrics["train/samples_per_s"] = float(train["train_samples_per_second"]) * ran_share
+        epochs = train.get("epoch", state.get("epoch"))
+        if isinstance(train.get("effective_tokens_per_sec"), (int, float)):
+            metrics["train/tokens_per_s"] = float(train["effective_tokens_per_sec"]) * world_size * ran_share
+            tags["train/tokens_per_s_source"] = "LLaMA-Factory effective tokens per second, times the world size"
+        elif train_tokens_per_epoch is not None and isinstance(epochs, (int, float)):
+            metrics["train/tokens_per_s"] = train_tokens_per_epoch * float(epochs) * ran_share / float(runtime)
+            tags["train/tokens_per_s_source"] = "estimate: dataset statistics (mean tokens x train rows) x epochs"
+    device_peaks = [float(r["vram_allocated"]) for r in result.records if isinstance(r.get("vram_allocated"), (int, float))]
+    if device_peaks and max(device_peaks) > 0:
+        metrics["train/peak_device_memory_allocated_gb"] = max(device_peaks)
+        tags["train/peak_device_memory_source"] = "torch allocator peak of rank 0 (LLaMA-Factory RECORD_VRAM)"
+    if result.peak_rank_rss_mb is not None:
+        metrics["train/peak_rank_host_rss_mb"] = result.peak_rank_rss_mb
+        tags["train/peak_rank_host_rss_source"] = "largest VmHWM among the rank processes (/proc), host RAM"
+    return {key: value for key, value in metrics.items() if math.isfinite(value)}, tags
+
+
+def estimated_train_tokens_per_epoch(train_rows: int, mean_tokens: float | None, cutoff_len: int) -> float | None:
+    """Rows x mean tokens per row, each row capped at cutoff_len as LLaMA-Factory truncates it."""
+    if mean_tokens is None or train_rows <= 0:
+        return None
+    return train_rows * min(mean_tokens, float(cutoff_len))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# After training
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def read_results(output_dir: Path) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -88,3 +89,38 @@ def test_plan_for_the_seed_recipe_on_an_8_card_host(tmp_path: Path, repo: Path, 
     busy_fixture = (FAKES.parent / "fixtures/devices/npu_smi_info_8x910B3_busy.txt").read_text()
     assert f"| {card}       " not in busy_fixture.split("Process id")[-1]  # not a card with a foreign process
     assert not (tmp_path / ".npu-sft" / "runs").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.e2e
+def test_prepare_alone_prints_statistics_rejects_and_where_the_data_is(tmp_path: Path, demo_copy: Path) -> None:
+    data = tmp_path / "mine.jsonl"
+    good = [{"instruction": f"Say {i}", "input": "", "output": str(i)} for i in range(40)]
+    bad = [{"instruction": "", "input": "", "output": "x"}, {"instruction": "no output"}]
+    data.write_text("\n".join(json.dumps(row) for row in good + bad) + "\n")
+    text = demo_copy.read_text().replace(
+        "    - name: tiny_alpaca\n      source: builtin", f"    - name: tiny_alpaca\n      source: file\n      path: {data}"
+    )
+    demo_copy.write_text(text)
+    result = npu_sft("prepare", str(demo_copy), "--set", "data.max_reject_share=0.1", cwd=tmp_path,
+                     extra_env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Prepared datasets: " + str(tmp_path / ".npu-sft" / "datasets") in out
+    assert "tiny_alpaca" in out and "identity" in out
+    rejects = next((tmp_path / ".npu-sft" / "datasets").rglob("rejects.jsonl")).read_text().splitlines()
+    assert sorted(json.loads(line)["row"] for line in rejects) == [41, 42]
+    assert not (tmp_path / ".npu-sft" / "runs").exists()  # no training, no MLflow run
+    again = npu_sft("prepare", str(demo_copy), "--set", "data.max_reject_share=0.1", cwd=tmp_path, extra_env={"COLUMNS": "200"})
+    assert "cache hit" in again.stdout
+
+
+def test_devices_shows_inventory_with_reasons(tmp_path: Path) -> None:
+    config = tmp_path / "devices.yaml"
+    result = npu_sft(
+        "devices", cwd=tmp_path,
+        extra_env={"PATH": f"{FAKES}:{os.environ['PATH']}", "FAKE_NPU_SMI_FIXTURE": "8x910B3_busy", "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "910B3" in result.stdout
+    assert "1333928" in result.stdout or "did not start" in result.stdout  # card 2's foreign process is the reason
+    assert not config.exists()
