@@ -15,3 +15,9 @@ test: setup
 
 bench: setup
 	.venv/bin/python benchmarks/bench_train_overhead.py
+
+up: setup
+	scripts/up
+
+down:
+	scripts/down

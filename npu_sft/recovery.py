@@ -44,18 +44,23 @@ class Failure:
         return self.kind in (FailureKind.CRASHED, FailureKind.DEVICE_BUSY)
 
     def describe(self) -> str:
-        what = {
+        """What happened and whether a retry may help: "crashed, retryable: rank 1 (pid 645) was killed by SIGKILL"."""
+        verdict = "retryable" if self.retryable else "not retryable"
+        return f"{self.what}, {verdict}: {self.evidence}"
+
+    @property
+    def what(self) -> str:
+        return {
             FailureKind.OUT_OF_MEMORY: "ran out of device memory",
             FailureKind.CONFIG_ERROR: "was refused by LLaMA-Factory (configuration error)",
             FailureKind.DEVICE_BUSY: "found the cards still held by a previous training process (HCCL)",
             FailureKind.CRASHED: "crashed",
         }[self.kind]
-        verdict = "retryable" if self.retryable else "not retryable"
-        return f"{what}, {verdict}: {self.evidence}"
 
 
-# torchrun (since torch 2.2) prefixes each rank's traceback lines with "[rankN]: ".
-_RANK_PREFIX = re.compile(r"^\[(?:default)?rank\d+\]:\s?")
+# torchrun (since torch 2.2) prefixes each rank's traceback lines with "[rankN]: "; a tqdm frame without a newline
+# can stand before it on the same line.
+_RANK_PREFIX = re.compile(r"\[(?:default)?rank\d+\]:\s?")
 
 _OUT_OF_MEMORY = [
     re.compile(r"\b(?:CUDA|NPU|XPU|MPS|HIP) out of memory", re.IGNORECASE),  # torch / torch_npu allocators
@@ -71,9 +76,11 @@ _CONFIG_MESSAGES = [
     re.compile(r"is not a local folder and is not a valid model identifier"),
     re.compile(r"does not appear to have (?:a )?files? named"),
 ]
-# A ValueError raised from inside these modules is LLaMA-Factory (or transformers) refusing its arguments.
+# A ValueError raised while these modules set the run up (arguments, datasets, template, model, LoRA adapter) is the
+# configuration being refused, e.g. peft's "Target modules {...} not found in the base model": it fails every time.
 _CONFIG_FRAMES = re.compile(
-    r"llamafactory/hparams/|llamafactory/data/(?:parser|template)\.py|transformers/(?:hf_argparser|training_args)\.py"
+    r"llamafactory/hparams/|llamafactory/data/(?:parser|template|loader)\.py|llamafactory/model/(?:adapter|loader)\.py"
+    r"|transformers/(?:hf_argparser|training_args)\.py"
 )
 _TRACEBACK_START = "Traceback (most recent call last):"
 _FRAME = re.compile(r'^\s*File "([^"]+)", line \d+')
@@ -95,10 +102,10 @@ def _raised_exceptions(tail: Sequence[str]) -> list[_RaisedException]:
     frames_by_prefix: dict[str, list[str]] = {}
     found: list[_RaisedException] = []
     for raw in tail:
-        match = _RANK_PREFIX.match(raw)
+        match = _RANK_PREFIX.search(raw)
         prefix = match.group(0).strip() if match else ""
         line = raw[match.end() :] if match else raw
-        if line.startswith(_TRACEBACK_START):
+        if _TRACEBACK_START in line:
             frames_by_prefix[prefix] = []
             continue
         frames = frames_by_prefix.get(prefix)
@@ -115,10 +122,14 @@ def _raised_exceptions(tail: Sequence[str]) -> list[_RaisedException]:
 
 
 def _first_match(tail: Sequence[str], patterns: Sequence[re.Pattern[str]]) -> str | None:
+    """The first line matching any pattern, without its rank prefix. An exception line ("ValueError: ...") wins over
+    a traceback's source line that quotes the same words (`raise ValueError(f"Some keys ...")`)."""
+    matches = []
     for line in tail:
         if any(pattern.search(line) for pattern in patterns):
-            return _RANK_PREFIX.sub("", line).strip()
-    return None
+            prefix = _RANK_PREFIX.search(line)
+            matches.append((line[prefix.end() :] if prefix else line).strip())
+    return next((line for line in matches if _EXCEPTION.match(line)), matches[0] if matches else None)
 
 
 def _config_error(tail: Sequence[str]) -> str | None:
@@ -201,7 +212,8 @@ def wait_for_idle_devices(
         if not busy:
             return
         holders = "; ".join(
-            f"{device_id}: pid {', '.join(str(proc.pid) for proc in procs)}" for device_id, procs in sorted(busy.items())
+            f"{device_id}: pid {', '.join(str(proc.pid) for proc in procs)}"
+            for device_id, procs in sorted(busy.items())
         )
         if clock() >= deadline:
             raise DevicesStillBusy(

@@ -24,7 +24,8 @@ from typing import Any, Protocol
 import yaml
 
 from npu_sft import process, tracking
-from npu_sft.engine import DistributedLaunch, EngineSettings, torchrun_train_command
+from npu_sft.devices import DeviceError
+from npu_sft.engine import DistributedLaunch, EngineCommand, EngineSettings, torchrun_train_command
 from npu_sft.recovery import (
     DeviceProbe,
     DevicesStillBusy,
@@ -44,7 +45,10 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ADAPTER_COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "README.md")
 STEP_METRIC_NAMES = {"loss": "loss", "lr": "learning_rate", "eval_loss": "eval_loss", "epoch": "epoch"}
 # Written by LLaMA-Factory when RECORD_VRAM=1: the device allocator's peak so far, in GiB (0 on the CPU).
-DEVICE_MEMORY_METRIC_NAMES = {"vram_allocated": "peak_device_memory_allocated_gb", "vram_reserved": "peak_device_memory_reserved_gb"}
+DEVICE_MEMORY_METRIC_NAMES = {
+    "vram_allocated": "peak_device_memory_allocated_gb",
+    "vram_reserved": "peak_device_memory_reserved_gb",
+}
 
 Metric = tuple[str, float, int]  # (MLflow key, value, step)
 
@@ -252,7 +256,10 @@ class TrainingFailed(process.CommandFailed):
     def __init__(self, completed: process.CompletedCommand, failure: Failure, attempts: list[Attempt], why: str):
         self.failure = failure
         self.attempts = attempts
-        super().__init__(completed, f"training ({why}; attempt {len(attempts)}: {failure.describe()})")
+        super().__init__(completed, "training")
+        # The verdict first, then CommandFailed's exit code, log path and output tail.
+        headline = f"training failed after {len(attempts)} attempt(s) ({why}): {failure.what}: {failure.evidence}"
+        self.args = (f"{headline}\n{self.args[0]}",)
 
 
 def launch_env(device_kind: str) -> dict[str, str]:
@@ -292,6 +299,12 @@ def _prepare_output_dir(output_dir: Path, number: int, on_event: Callable[[str],
     return resume
 
 
+def _holds_only_partial_checkpoints(output_dir: Path) -> bool:
+    """Checkpoints exist but none is complete, as on a node whose output dir only got its ranks' RNG states."""
+    point = find_resume_point(output_dir)
+    return point.checkpoint is None and bool(point.skipped)
+
+
 def _append_to_log(log_file: Path, line: str) -> None:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("a", encoding="utf-8") as handle:
@@ -326,6 +339,52 @@ def _wait_before_retry(
         sleep(policy.retry_delay_s)
 
 
+@dataclass
+class _AttemptOutput:
+    completed: process.CompletedCommand
+    records: list[dict[str, Any]]
+    peak_rss_kib: int | None
+
+
+def _run_attempt(
+    command: EngineCommand,
+    *,
+    follower: TrainerLogFollower,
+    sampler: RankMemorySampler,
+    ledger: StepLedger,
+    log_file: Path,
+    on_line: Callable[[str], None],
+    on_metrics: Callable[[list[Metric]], None],
+    on_progress: Callable[[float], None] | None,
+    run_command: CommandRunner,
+    poll_interval_s: float,
+) -> _AttemptOutput:
+    """One torchrun attempt to its end, its trainer log followed (and its ranks' memory sampled) from a thread."""
+    records: list[dict[str, Any]] = []
+
+    def poll() -> None:
+        sampler.sample()
+        new = follower.read_new()
+        if not new:
+            return
+        records.extend(new)
+        metrics = ledger.new_only(m for record in new for m in step_metrics(record))
+        if metrics:
+            on_metrics(metrics)
+        percentages = [r["percentage"] for r in new if isinstance(r.get("percentage"), (int, float))]
+        if percentages and on_progress is not None:
+            on_progress(float(percentages[-1]))
+
+    stop = threading.Event()
+    thread = process.follow_in_thread(poll, stop, poll_interval_s)
+    try:
+        completed = run_command(command.argv, env=command.env, log_file=log_file, on_line=on_line)
+    finally:
+        stop.set()
+        thread.join()
+    return _AttemptOutput(completed, records, sampler.peak_kib)
+
+
 def run_training(
     engine: EngineSettings,
     launch: DistributedLaunch,
@@ -353,6 +412,9 @@ def run_training(
     steps logged before this call, e.g. by an earlier run of the same task). `on_event` gets this function's own
     messages (retries, resume points); engine output goes to `on_line`. `device_probe` (npu-smi on NPU hosts) lists
     the processes on `device_ids`, to confirm a failed attempt has left the cards before the next one starts.
+
+    With nnodes > 1 every node must resume from the same checkpoint, so the output dir must be on storage all nodes
+    share (or the config must set `save_on_each_node: true`).
     """
     event = on_event or on_line
     ledger = StepLedger(logged_steps)
@@ -365,39 +427,28 @@ def run_training(
         attempt_config = _attempt_config(config_file, number, resume)
         where = f"resuming from {resume.checkpoint.path.name}" if resume.checkpoint else "from the beginning"
         header = f"training attempt {number}/{policy.max_attempts}, {where}"
-        event(header)
+        # A first attempt from the beginning is the ordinary case; anything else is worth a warning.
+        (on_line if number == 1 and resume.checkpoint is None else event)(header)
         _append_to_log(log_file, f"===== npu-sft: {header} =====")
 
-        follower = TrainerLogFollower(output_dir / TRAINER_LOG)
-        sampler = RankMemorySampler(attempt_config)
-        attempt_records: list[dict[str, Any]] = []
-
-        def poll() -> None:
-            sampler.sample()
-            new = follower.read_new()
-            if not new:
-                return
-            attempt_records.extend(new)
-            metrics = ledger.new_only(m for record in new for m in step_metrics(record))
-            if metrics:
-                on_metrics(metrics)
-            percentages = [r["percentage"] for r in new if isinstance(r.get("percentage"), (int, float))]
-            if percentages and on_progress is not None:
-                on_progress(float(percentages[-1]))
-
-        command = torchrun_train_command(engine, launch, attempt_config, env=device_env)
-        stop = threading.Event()
-        thread = process.follow_in_thread(poll, stop, poll_interval_s)
-        try:
-            completed = run_command(command.argv, env=command.env, log_file=log_file, on_line=on_line)
-        finally:
-            stop.set()
-            thread.join()
-        records.extend(attempt_records)
-        if sampler.peak_kib is not None:
-            peak_rss_kib = max(peak_rss_kib or 0, sampler.peak_kib)
-        steps = [int(r["current_steps"]) for r in attempt_records if "current_steps" in r]
+        output = _run_attempt(
+            torchrun_train_command(engine, launch, attempt_config, env=device_env),
+            follower=TrainerLogFollower(output_dir / TRAINER_LOG),
+            sampler=RankMemorySampler(attempt_config),
+            ledger=ledger,
+            log_file=log_file,
+            on_line=on_line,
+            on_metrics=on_metrics,
+            on_progress=on_progress,
+            run_command=run_command,
+            poll_interval_s=poll_interval_s,
+        )
+        records.extend(output.records)
+        if output.peak_rss_kib is not None:
+            peak_rss_kib = max(peak_rss_kib or 0, output.peak_rss_kib)
+        completed = output.completed
         failure = None if completed.ok else classify_failure(completed.tail, completed.returncode)
+        steps = [int(r["current_steps"]) for r in output.records if "current_steps" in r]
         attempts.append(
             Attempt(number, attempt_config, resume.step, completed.returncode, completed.wall_time_s,
                     max(steps, default=None), failure)
@@ -408,17 +459,25 @@ def run_training(
                 None if peak_rss_kib is None else peak_rss_kib / 1024,
             )
         if not failure.retryable:
-            raise TrainingFailed(completed, failure, attempts, "not retried")
+            raise TrainingFailed(completed, failure, attempts, "not retryable")
         if number == policy.max_attempts:
-            raise TrainingFailed(completed, failure, attempts, f"gave up after {number} attempts")
+            raise TrainingFailed(completed, failure, attempts, "training.max_attempts reached")
         event(f"training attempt {number}/{policy.max_attempts} {failure.describe()}; retrying")
         try:
             _wait_before_retry(
                 failure, policy, device_ids=device_ids, device_probe=device_probe, sleep=sleep, clock=clock,
                 on_event=event,
             )
-        except DevicesStillBusy as err:
-            raise TrainingFailed(completed, failure, attempts, str(err)) from err
+        except (DevicesStillBusy, DeviceError) as err:
+            raise TrainingFailed(completed, failure, attempts, f"cannot confirm the cards are free: {err}") from err
+        if launch.nnodes > 1 and _holds_only_partial_checkpoints(output_dir):
+            # Starting over on this node while the others resume would desynchronise them (and hang every rank
+            # until ddp_timeout); failing says what to fix.
+            raise TrainingFailed(
+                completed, failure, attempts,
+                f"node {launch.node_rank} holds no complete checkpoint to resume from; put the output dir on storage "
+                "every node shares, or set save_on_each_node: true",
+            )
     raise RuntimeError("unreachable: every attempt returns or raises, and RetryPolicy has max_attempts >= 1")
 
 
@@ -453,8 +512,11 @@ def run_figures(
         metrics["train/steps"] = float(final_step)
     runtime = train.get("train_runtime")
     resumed = result.attempts[-1].resumed_from_step if result.attempts else 0
-    if isinstance(final_step, int) and final_step > 0 and isinstance(runtime, (int, float)) and runtime > 0:
-        ran_share = (final_step - resumed) / final_step
+    # A last attempt that resumed from the final checkpoint (its launcher had died after the ranks finished) ran no
+    # steps: it measured no rate, so none is reported.
+    ran_steps = final_step - resumed if isinstance(final_step, int) else 0
+    if ran_steps > 0 and isinstance(runtime, (int, float)) and runtime > 0:
+        ran_share = ran_steps / final_step
         metrics["train/loop_time_s"] = float(runtime)
         if isinstance(train.get("train_samples_per_second"), (int, float)):
             metrics["train/samples_per_s"] = float(train["train_samples_per_second"]) * ran_share
@@ -465,7 +527,9 @@ def run_figures(
         elif train_tokens_per_epoch is not None and isinstance(epochs, (int, float)):
             metrics["train/tokens_per_s"] = train_tokens_per_epoch * float(epochs) * ran_share / float(runtime)
             tags["train/tokens_per_s_source"] = "estimate: dataset statistics (mean tokens x train rows) x epochs"
-    device_peaks = [float(r["vram_allocated"]) for r in result.records if isinstance(r.get("vram_allocated"), (int, float))]
+    device_peaks = [
+        float(r["vram_allocated"]) for r in result.records if isinstance(r.get("vram_allocated"), (int, float))
+    ]
     if device_peaks and max(device_peaks) > 0:
         metrics["train/peak_device_memory_allocated_gb"] = max(device_peaks)
         tags["train/peak_device_memory_source"] = "torch allocator peak of rank 0 (LLaMA-Factory RECORD_VRAM)"

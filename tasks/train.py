@@ -8,12 +8,21 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from npu_sft import tracking
 from npu_sft.datasets import PreparedData
-from npu_sft.devices import lease_devices
+from npu_sft.devices import lease_devices, processes_on_devices
 from npu_sft.engine import DistributedLaunch
 from npu_sft.llamafactory_config import resolve_train_config, write_config
 from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline
-from npu_sft.training import TrainingResult, run_training, step_metrics
+from npu_sft.training import (
+    RetryPolicy,
+    TrainingFailed,
+    estimated_train_tokens_per_epoch,
+    launch_env,
+    mlflow_logged_steps,
+    mlflow_metric_sink,
+    run_figures,
+    run_training,
+)
 
 
 @dataclass(frozen=True)
@@ -25,7 +34,10 @@ class Trained:
 
 @task
 def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedData) -> Trained:
-    """LoRA SFT under torchrun on the devices this task leases; every logged step goes to MLflow as it happens."""
+    """LoRA SFT under torchrun on the devices this task leases; every logged step goes to MLflow as it happens.
+
+    A failed attempt is retried (training.max_attempts) from the newest complete checkpoint, in the same MLflow run.
+    """
     logger = get_run_logger()
     settings = pipeline.settings
     config = resolve_train_config(
@@ -37,12 +49,7 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
     config_file = write_config(config, run.run_dir / "llamafactory.yaml")
     tracking.log_artifact(run.mlflow, run.mlflow_run_id, config_file, "config")
     progress_id = create_progress_artifact(0.0, key=None, description="training progress (percent of steps)")
-
-    def on_records(records: list[dict]) -> None:
-        tracking.log_metrics(run.mlflow, run.mlflow_run_id, [m for r in records for m in step_metrics(r)])
-        last = records[-1]
-        if "percentage" in last:
-            update_progress_artifact(progress_id, float(last["percentage"]))
+    log_file = run.logs_dir / "train.log"
 
     with lease_devices(settings.devices, task="train", flow_run_id=run.flow_run_id, on_wait=logger.info) as lease:
         logger.info("training on %s devices %s", lease.kind, ",".join(str(i) for i in lease.ids))
@@ -53,19 +60,50 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
             node_rank=settings.training.node_rank,
             master_addr=settings.training.master_addr,
         )
-        result: TrainingResult = run_training(
-            settings.engine,
-            launch,
-            config_file,
-            run.output_dir,
-            device_env=lease.env(),
-            log_file=run.logs_dir / "train.log",
-            on_line=logger.info,
-            on_records=on_records,
-        )
+        try:
+            result = run_training(
+                settings.engine,
+                launch,
+                config_file,
+                run.output_dir,
+                device_env={**lease.env(), **launch_env(lease.kind)},
+                log_file=log_file,
+                on_line=logger.info,
+                on_event=logger.warning,
+                on_metrics=mlflow_metric_sink(run.mlflow, run.mlflow_run_id),
+                on_progress=lambda percent: update_progress_artifact(progress_id, percent),
+                policy=RetryPolicy.from_settings(settings.training),
+                device_ids=lease.ids,
+                device_probe=processes_on_devices if lease.kind == "npu" else None,
+                logged_steps=mlflow_logged_steps(run.mlflow, run.mlflow_run_id),
+            )
+        except TrainingFailed as failed:
+            tracking.set_tags(
+                run.mlflow,
+                run.mlflow_run_id,
+                {"train/failure": failed.failure.kind.value, "train/failure_evidence": failed.failure.evidence[:500]},
+            )
+            tracking.log_metrics(run.mlflow, run.mlflow_run_id, [("train/attempts", len(failed.attempts), 0)])
+            tracking.log_artifact(run.mlflow, run.mlflow_run_id, log_file, "logs")
+            raise
     update_progress_artifact(progress_id, 100.0)
     tracking.log_artifact(run.mlflow, run.mlflow_run_id, result.log_file, "logs")
     for plot in sorted(run.output_dir.glob("training_*.png")):
         tracking.log_artifact(run.mlflow, run.mlflow_run_id, plot, "plots")
-    tracking.log_metrics(run.mlflow, run.mlflow_run_id, [("train_wall_time_s", result.wall_time_s, 0)])
+    tokens = data.stats.tokens
+    figures, sources = run_figures(
+        result,
+        world_size=launch.nproc_per_node * launch.nnodes,
+        train_tokens_per_epoch=estimated_train_tokens_per_epoch(
+            data.stats.train, tokens.mean if tokens is not None else None, pipeline.cutoff_len
+        ),
+    )
+    tracking.log_metrics(run.mlflow, run.mlflow_run_id, [(key, value, 0) for key, value in figures.items()])
+    tracking.set_tags(run.mlflow, run.mlflow_run_id, sources)
+    logger.info(
+        "trained in %d attempt(s), %.0f s: %s",
+        len(result.attempts),
+        result.wall_time_s,
+        ", ".join(f"{key.removeprefix('train/')} {value:.4g}" for key, value in figures.items()),
+    )
     return Trained(run.output_dir, config_file, result.wall_time_s)

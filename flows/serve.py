@@ -1,0 +1,53 @@
+"""The `serve` flow: a registered adapter version through LLaMA-Factory's OpenAI-compatible API.
+
+    prefect deployment run serve/tiny --watch                  # smoke test of the latest tiny-qwen2-lora version
+    prefect deployment run serve/qwen7b -p model_version=3     # keep serving version 3 until the run is cancelled
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import flow
+
+from npu_sft.settings import load_pipeline
+from tasks.serve_registered import (
+    fetch_base_model,
+    fetch_registered_adapter,
+    resolve_registered_version,
+    serve_until_cancelled,
+    smoke_serve,
+)
+
+
+@dataclass(frozen=True)
+class ServeResult:
+    registered_model: str
+    version: str
+    smoke_reply: str | None  # None when it kept serving until cancelled
+
+
+@flow(name="serve", log_prints=True)
+def serve(
+    config: str,
+    overrides: list[str] | None = None,
+    model_version: str = "latest",
+    keep_serving: bool = False,
+    port: int = 8000,
+) -> ServeResult:
+    """Serve `model_version` ("latest" or a number) of the config's `publish.registered_model`.
+
+    keep_serving=False: smoke test (start on loopback, refuse a wrong key, answer `serve.prompt`, stop).
+    keep_serving=True: serve on `serve.host`:`port` until the flow run is cancelled; clients send the key the
+    worker has in NPU_SFT_API_KEY.
+    """
+    pipeline = load_pipeline(config, overrides)
+    name = pipeline.settings.publish.registered_model
+    version = resolve_registered_version(pipeline.settings.mlflow, name, model_version)
+    adapter_path = fetch_registered_adapter(pipeline, name, version)
+    model_path = fetch_base_model(pipeline)
+    if keep_serving:
+        serve_until_cancelled(pipeline, model_path, adapter_path, port)
+        return ServeResult(name, version, None)
+    reply = smoke_serve(pipeline, model_path, adapter_path, name, version)
+    return ServeResult(name, version, reply)

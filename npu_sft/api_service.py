@@ -1,0 +1,76 @@
+"""LLaMA-Factory's OpenAI-compatible API as a long-running service (the `serve` flow with keep_serving=True).
+
+The smoke test in serving.py starts, checks and stops a server; this keeps one up until the flow run is cancelled
+(Prefect's SIGTERM unwinds the `with`, which stops the server's whole process group) or the server dies.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from npu_sft import process
+from npu_sft.engine import EngineSettings, api_server_command
+from npu_sft.serving import ServeError, wait_until_ready
+from npu_sft.settings import ServeSettings
+
+API_KEY_VAR = "NPU_SFT_API_KEY"  # the key clients send; set in the worker's environment, never in a config file
+MIN_API_KEY_LENGTH = 16
+HEALTH_INTERVAL_S = 10.0
+
+
+def check_api_key(environ: Mapping[str, str]) -> str:
+    key = environ.get(API_KEY_VAR, "")
+    if len(key) < MIN_API_KEY_LENGTH:
+        raise ServeError(
+            f"{API_KEY_VAR} must hold the API key clients will use (at least {MIN_API_KEY_LENGTH} characters) in "
+            "the worker's environment; LLaMA-Factory's API server accepts anyone without one"
+        )
+    return key
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            raise ServeError(f"port {port} on {host} is in use; pass another `port`") from None
+
+
+def serve_until_stopped(
+    engine: EngineSettings,
+    settings: ServeSettings,
+    *,
+    model_path: str,
+    adapter_path: str,
+    template: str,
+    device_env: Mapping[str, str],
+    port: int,
+    api_key: str,
+    log_file: Path,
+    on_ready: Callable[[str], None],
+    health_interval_s: float = HEALTH_INTERVAL_S,
+) -> None:
+    """Serve until interrupted; raises ServeError if the server fails to start or exits on its own."""
+    check_port_free(settings.host, port)
+    command = api_server_command(
+        engine,
+        model_path=model_path,
+        adapter_path=adapter_path,
+        template=template,
+        host=settings.host,
+        port=port,
+        api_key=api_key,
+        env=device_env,
+    )
+    base_url = f"http://{settings.host}:{port}"
+    with process.start_background(command.argv, env=command.env, log_file=log_file) as server:
+        wait_until_ready(server, base_url, api_key, settings.startup_timeout_s)
+        on_ready(base_url)
+        while True:
+            code = server.exited()
+            if code is not None:
+                raise ServeError(f"API server exited with code {code}:\n{server.log_tail()}")
+            time.sleep(health_interval_s)

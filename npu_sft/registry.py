@@ -1,0 +1,65 @@
+"""Registered adapter versions in the MLflow Model Registry: find one, and get its files onto this host."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlflow.artifacts
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+from npu_sft.settings import MlflowSettings
+from npu_sft.tracking import client_for, tracking_uri
+
+LATEST = "latest"
+ADAPTER_MARKER = "adapter_config.json"  # what makes a directory a PEFT adapter
+
+
+class RegistryError(LookupError):
+    """The registered model or version does not exist, or its files are not an adapter."""
+
+
+def resolve_version(settings: MlflowSettings, name: str, version: str) -> str:
+    """`latest` becomes the highest version number; an explicit version is checked to exist."""
+    client = client_for(settings)
+    if version != LATEST:
+        try:
+            client.get_model_version(name, version)
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
+            raise RegistryError(f"registered model {name!r} has no version {version} in {tracking_uri(settings)}") from None
+        return version
+    versions = client.search_model_versions(f"name='{name}'")
+    if not versions:
+        raise RegistryError(
+            f"registered model {name!r} has no versions in {tracking_uri(settings)}: run the sft flow first"
+        )
+    return str(max(int(v.version) for v in versions))
+
+
+def download_version(settings: MlflowSettings, name: str, version: str, dest: Path) -> Path:
+    """The version's adapter files in `dest` (kept: a second serve of the same version downloads nothing)."""
+    if (dest / ADAPTER_MARKER).is_file():
+        return dest
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # an earlier download that was interrupted
+    partial.mkdir(parents=True)
+    # The client's own lookup, not a `models:/` URI: that one is resolved against the process-wide registry URI.
+    source = client_for(settings).get_model_version_download_uri(name, version)
+    local = Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(partial),
+                                            tracking_uri=tracking_uri(settings))
+    )
+    if not (local / ADAPTER_MARKER).is_file():
+        raise RegistryError(f"{name} version {version} holds no {ADAPTER_MARKER}; it is not a LoRA adapter")
+    shutil.rmtree(dest, ignore_errors=True)
+    # Renamed into place only when complete, so a crash mid-download never leaves a half adapter at `dest`.
+    local.rename(dest)
+    shutil.rmtree(partial, ignore_errors=True)
+    return dest
+
+
+def tag_version(settings: MlflowSettings, name: str, version: str, key: str, value: str) -> None:
+    client_for(settings).set_model_version_tag(name, version, key, value[:5000])

@@ -1,0 +1,88 @@
+"""Tasks of the `serve` flow: a registered adapter version, served through LLaMA-Factory's OpenAI API."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.runtime import flow_run
+
+from npu_sft import registry
+from npu_sft.api_service import check_api_key, serve_until_stopped
+from npu_sft.devices import lease_devices
+from npu_sft.serving import ServeError, smoke_test
+from npu_sft.settings import MlflowSettings, Pipeline, TinyModelSource
+from tasks.download import download_model_task
+from tasks.model import make_tiny_model
+
+
+@task
+def resolve_registered_version(settings: MlflowSettings, name: str, version: str) -> str:
+    resolved = registry.resolve_version(settings, name, version)
+    get_run_logger().info("serving %s version %s", name, resolved)
+    return resolved
+
+
+@task
+def fetch_registered_adapter(pipeline: Pipeline, name: str, version: str) -> Path:
+    dest = pipeline.state_dir / "registry" / f"{name}-v{version}"
+    return registry.download_version(pipeline.settings.mlflow, name, version, dest)
+
+
+def fetch_base_model(pipeline: Pipeline) -> Path:
+    """The adapter's base model: the generated tiny model, or the configured download (cached by its task)."""
+    source = pipeline.settings.model
+    if isinstance(source, TinyModelSource):
+        return make_tiny_model(pipeline, source)
+    return download_model_task(source).path
+
+
+def _serve_log(pipeline: Pipeline) -> Path:
+    return pipeline.state_dir / "serve" / (flow_run.get_id() or "local") / "serve.log"
+
+
+@task
+def smoke_serve(pipeline: Pipeline, model_path: Path, adapter_path: Path, name: str, version: str) -> str:
+    """Start the API server on loopback, check a wrong key is refused, ask one question, stop it."""
+    logger = get_run_logger()
+    settings = pipeline.settings
+    with lease_devices(settings.devices, task="serve", flow_run_id=flow_run.get_id(), on_wait=logger.info) as lease:
+        result = smoke_test(
+            settings.engine,
+            settings.serve,
+            model_path=str(model_path),
+            adapter_path=str(adapter_path),
+            template=str(pipeline.llamafactory.get("template", "default")),
+            device_env=lease.env(),
+            port=lease.master_port,
+            log_file=_serve_log(pipeline),
+        )
+    if result.unauthorized_status != 401:
+        raise ServeError(f"the API server accepted a wrong API key (HTTP {result.unauthorized_status})")
+    if not result.reply.strip():
+        raise ServeError(f"{name} version {version} answered {settings.serve.prompt!r} with an empty reply")
+    registry.tag_version(settings.mlflow, name, version, "npu_sft.smoke_reply", result.reply)
+    logger.info("%s version %s answered in %.1f s: %r", name, version, result.latency_s, result.reply)
+    return result.reply
+
+
+@task
+def serve_until_cancelled(pipeline: Pipeline, model_path: Path, adapter_path: Path, port: int) -> None:
+    """Keep the API server up on the serve devices until the flow run is cancelled."""
+    logger = get_run_logger()
+    settings = pipeline.settings
+    api_key = check_api_key(os.environ)
+    with lease_devices(settings.devices, task="serve", flow_run_id=flow_run.get_id(), on_wait=logger.info) as lease:
+        serve_until_stopped(
+            settings.engine,
+            settings.serve,
+            model_path=str(model_path),
+            adapter_path=str(adapter_path),
+            template=str(pipeline.llamafactory.get("template", "default")),
+            device_env=lease.env(),
+            port=port,
+            api_key=api_key,
+            log_file=_serve_log(pipeline),
+            on_ready=lambda url: logger.info("serving at %s/v1 (OpenAI API; cancel the flow run to stop)", url),
+        )

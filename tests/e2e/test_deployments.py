@@ -1,0 +1,324 @@
+"""`make up`'s scripts on a scratch project, for real: Prefect server, worker, MLflow, reconciler, the deployments.
+
+One project for the module, in test order: up, deploy, up again, sft/tiny and serve/tiny from the CLI, serving
+until cancelled, a worker killed mid-run, a flow process killed mid-run, down mid-run. About five minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from uuid import UUID
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.objects import StateType
+
+from npu_sft import host_processes
+from npu_sft.devices import DeviceSettings, acquire_lease, current_leases
+from npu_sft.reconcile import RECONCILED_TAG, RUN_ID_VAR, is_flow_engine
+from npu_sft.services import MARKER_VAR, ServiceSettings, port_in_use, read_record
+
+pytestmark = pytest.mark.e2e
+
+# The project's code, shared with the repository; everything else (.npu-sft/, mlruns/) is the scratch project's own.
+LINKED = ("configs", "flows", "tasks", "npu_sft", "scripts", "deployments", ".venv", "Makefile")
+SERVICES = ("prefect-server", "mlflow", "worker", "reconciler")
+DEPLOYMENTS = {"sft/qwen7b", "sft/tiny", "serve/qwen7b", "serve/tiny"}
+# Two epochs instead of three keeps the run short; with one the tiny model's smoke-test reply is empty.
+EPOCHS_OVERRIDE = "llamafactory.overrides.num_train_epochs=2"
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Project:
+    root: Path
+    env: dict[str, str]  # what a user's shell would have: the ports, nothing pointing Prefect anywhere
+    settings: ServiceSettings
+    up_output: str
+
+    @property
+    def devices(self) -> DeviceSettings:
+        # The scratch project's own lease directory, so other test runs on this host never compete for the CPUs.
+        return DeviceSettings(kind="cpu", train=2, state_dir=self.root / ".npu-sft" / "devices", lease_timeout_s=0)
+
+    @property
+    def overrides(self) -> list[str]:
+        return [EPOCHS_OVERRIDE, f"devices.state_dir={self.devices.state_dir}"]
+
+    def script(self, name: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([f"scripts/{name}"], cwd=self.root, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def prefect_cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """The Prefect CLI as a user runs it after `make up`: through the profile `make up` wrote."""
+        env = {**self.env, "PREFECT_HOME": str(self.settings.prefect_home)}
+        return subprocess.run([str(self.root / ".venv" / "bin" / "prefect"), *args], cwd=self.root, env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+
+    def prefect(self) -> SyncPrefectClient:
+        return SyncPrefectClient(self.settings.api_url)
+
+    def mlflow(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.settings.mlflow_url, registry_uri=self.settings.mlflow_url)
+
+    def pid(self, service: str) -> int:
+        record = read_record(self.settings, service)
+        if record is None:
+            raise AssertionError(f"{service} has no pid record")
+        return record.pid
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout_s: float, interval_s: float = 1.0) -> T:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, repo: Path, engine_python: Path) -> Iterator[Project]:
+    root = tmp_path_factory.mktemp("services-project")
+    for name in LINKED:
+        (root / name).symlink_to(repo / name)
+    (root / ".npu-sft").mkdir()
+    (root / ".npu-sft" / "engine").symlink_to(repo / ".npu-sft" / "engine")  # the default engine.python path
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "NPU_SFT_"))}
+    env.update(
+        NPU_SFT_PREFECT_PORT=str(free_port()),
+        NPU_SFT_MLFLOW_PORT=str(free_port()),
+        NPU_SFT_WORKER_NAME=f"e2e-{uuid.uuid4().hex[:8]}",
+        NPU_SFT_STOP_GRACE_S="5",
+        NPU_SFT_FLOW_RUN_STOP_GRACE_S="20",
+        NPU_SFT_API_KEY=secrets.token_urlsafe(24),  # in the worker's environment, as a host's unit would set it
+    )
+    settings = ServiceSettings.from_env(root, env)
+    up = subprocess.run(["scripts/up"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield Project(root, env, settings, up.stdout)
+    finally:
+        subprocess.run(["scripts/down"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def mlflow_run_of(project: Project, flow_run_id: UUID) -> Run | None:
+    client = project.mlflow()
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.prefect_flow_run_id = '{flow_run_id}'")
+    return runs[0] if runs else None
+
+
+def start_sft_tiny(project: Project) -> UUID:
+    with project.prefect() as client:
+        deployment = client.read_deployment_by_name("sft/tiny")
+        flow_run = client.create_flow_run_from_deployment(deployment.id, parameters={"overrides": project.overrides})
+    return flow_run.id
+
+
+def wait_until_training(project: Project, flow_run_id: UUID) -> None:
+    wait_for(
+        "the run's train task to lease the devices",
+        lambda: [lease for lease in current_leases(project.devices)
+                 if lease.flow_run_id == str(flow_run_id) and lease.task == "train"],
+        timeout_s=240,
+    )
+    time.sleep(3)  # into torchrun, not just past the lease
+
+
+def processes_of(flow_run_id: UUID) -> list[host_processes.ProcessInfo]:
+    return [info for info in host_processes.list_processes([RUN_ID_VAR]) if info.env.get(RUN_ID_VAR) == str(flow_run_id)]
+
+
+def assert_run_crashed_and_cleaned_up(project: Project, flow_run_id: UUID) -> Run:
+    def crashed() -> bool:
+        with project.prefect() as client:
+            state = client.read_flow_run(flow_run_id).state
+        return state is not None and state.type == StateType.CRASHED
+
+    def failed_mlflow_run() -> Run | None:
+        run = mlflow_run_of(project, flow_run_id)
+        return run if run is not None and run.info.status == "FAILED" else None
+
+    wait_for("the flow run to be Crashed", crashed, timeout_s=120)
+    run = wait_for("its MLflow run to be FAILED", failed_mlflow_run, timeout_s=60)
+    wait_for("no process of the run to be left", lambda: not processes_of(flow_run_id), timeout_s=90)
+
+    def devices_free() -> bool:
+        lease = acquire_lease(project.devices, "train")  # lease_timeout_s=0: raises at once if any device is held
+        lease.release()
+        return True
+
+    assert devices_free()
+    return run
+
+
+def test_up_started_every_service_on_loopback(project: Project) -> None:
+    for service in SERVICES:
+        assert f"{service}" in project.up_output
+        assert project.pid(service) > 0
+    assert project.up_output.count("started") >= len(SERVICES)
+    ui = httpx.get(project.settings.ui_url, timeout=10)
+    assert ui.status_code == 200 and "<html" in ui.text.lower()
+    assert httpx.get(f"{project.settings.api_url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{project.settings.mlflow_url}/health", timeout=10).status_code == 200
+    assert f"export PREFECT_API_URL={project.settings.api_url}" in project.up_output
+    assert (project.root / ".npu-sft" / "services" / "prefect" / "prefect.db").is_file()  # its database is ours
+
+
+def test_deploy_all_registers_every_deployment_without_a_prompt(project: Project) -> None:
+    deployed = project.prefect_cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml",
+                                   timeout=300)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    with project.prefect() as client:
+        deployments = client.read_deployments()
+        flows = {flow.id: flow.name for flow in client.read_flows()}
+    by_name = {f"{flows[d.flow_id]}/{d.name}": d for d in deployments}
+    assert set(by_name) == DEPLOYMENTS
+    for name, deployment in by_name.items():
+        assert deployment.work_pool_name == "device-hosts"
+        assert deployment.enforce_parameter_schema
+        assert {"config", "overrides"} <= set(deployment.parameter_openapi_schema["properties"])
+        assert deployment.pull_steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $NPU_SFT_PROJECT_DIR }}"}}
+        ]
+        assert deployment.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+    assert by_name["sft/qwen7b"].job_variables["env"]["USE_MODELSCOPE_HUB"] == "1"
+    assert by_name["sft/qwen7b"].parameters == {"config": "configs/qwen7b.yaml", "overrides": []}
+    assert by_name["serve/qwen7b"].parameters["keep_serving"] is True
+
+
+def test_up_again_starts_nothing_twice(project: Project) -> None:
+    before = {service: project.pid(service) for service in SERVICES}
+    again = project.script("up")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("already running") == len(SERVICES)
+    assert {service: project.pid(service) for service in SERVICES} == before
+
+
+def test_sft_tiny_deployment_runs_from_the_cli(project: Project) -> None:
+    ran = project.prefect_cli("deployment", "run", "sft/tiny", "--watch",
+                              "--param", f"overrides={json.dumps(project.overrides)}")
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    assert "Completed" in ran.stdout
+    client = project.mlflow()
+    (run,) = client.search_runs([client.get_experiment_by_name("sft-tiny").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["prefect_flow_run_id"]
+    assert run.data.params["num_train_epochs"] == "2"
+    (version,) = client.search_model_versions("name='tiny-qwen2-lora'")
+    assert version.run_id == run.info.run_id
+
+
+def test_serve_tiny_smoke_serves_the_registered_version(project: Project) -> None:
+    ran = project.prefect_cli("deployment", "run", "serve/tiny", "--watch",
+                              "--param", f"overrides={json.dumps(project.overrides[1:])}")
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    version = project.mlflow().get_model_version("tiny-qwen2-lora", "1")
+    assert version.tags["npu_sft.smoke_reply"].strip()
+
+
+def _answers(url: str, headers: dict[str, str]) -> bool:
+    try:
+        return httpx.get(url, headers=headers, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_serve_keeps_serving_until_the_run_is_cancelled(project: Project) -> None:
+    port = free_port()
+    with project.prefect() as client:
+        deployment = client.read_deployment_by_name("serve/tiny")
+        flow_run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"overrides": project.overrides[1:], "keep_serving": True, "port": port}
+        )
+    base = f"http://127.0.0.1:{port}/v1"
+    headers = {"Authorization": f"Bearer {project.env['NPU_SFT_API_KEY']}"}
+    wait_for("the API server to answer", lambda: _answers(f"{base}/models", headers), timeout_s=240)
+    assert httpx.get(f"{base}/models", headers={"Authorization": "Bearer wrong"}, timeout=5).status_code == 401
+    model = httpx.get(f"{base}/models", headers=headers, timeout=5).json()["data"][0]["id"]
+    chat = httpx.post(f"{base}/chat/completions", headers=headers, timeout=120,
+                      json={"model": model, "messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 8})
+    assert chat.status_code == 200
+    cancel = project.prefect_cli("flow-run", "cancel", str(flow_run.id), timeout=60)
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+
+    def cancelled() -> bool:
+        with project.prefect() as client:
+            state = client.read_flow_run(flow_run.id).state
+        return state is not None and state.type == StateType.CANCELLED
+
+    wait_for("the flow run to be Cancelled", cancelled, timeout_s=90)
+    wait_for("the API server to be gone", lambda: not processes_of(flow_run.id), timeout_s=60)
+    assert not _answers(f"{base}/models", headers)
+
+
+def test_a_killed_worker_leaves_a_crashed_run_free_devices_and_a_failed_mlflow_run(project: Project) -> None:
+    flow_run_id = start_sft_tiny(project)
+    wait_until_training(project, flow_run_id)
+    os.kill(project.pid("worker"), signal.SIGKILL)
+    assert_run_crashed_and_cleaned_up(project, flow_run_id)
+    # The next `make up` brings back just the worker.
+    server = project.pid("prefect-server")
+    again = project.script("up")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("already running") == len(SERVICES) - 1
+    assert project.pid("prefect-server") == server
+
+
+def test_a_sigkilled_flow_process_is_reconciled(project: Project) -> None:
+    flow_run_id = start_sft_tiny(project)
+    wait_until_training(project, flow_run_id)
+    (engine,) = [info for info in processes_of(flow_run_id) if is_flow_engine(info)]
+    os.kill(engine.pid, signal.SIGKILL)  # what the OOM killer does: no hook, no except clause runs
+    run = assert_run_crashed_and_cleaned_up(project, flow_run_id)
+    # Nobody in the dead process could have ended the MLflow run: the reconciler did, and says why.
+    assert "ended Crashed" in run.data.tags[RECONCILED_TAG]
+
+
+def test_down_stops_everything_up_started_even_mid_run(project: Project) -> None:
+    token = (project.settings.services_dir / "token").read_text().strip()
+    pids = {service: read_record(project.settings, service) for service in SERVICES}
+    flow_run_id = start_sft_tiny(project)
+    wait_until_training(project, flow_run_id)
+    down = project.script("down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    # The run was told to stop while the server still answered: it failed its own MLflow run on the way out.
+    store = MlflowClient(tracking_uri=f"sqlite:///{project.root / 'mlruns' / 'mlflow.db'}")
+    experiment = store.get_experiment_by_name("sft-tiny").experiment_id
+    (run,) = store.search_runs([experiment], filter_string=f"tags.prefect_flow_run_id = '{flow_run_id}'")
+    assert run.info.status == "FAILED"
+    assert not processes_of(flow_run_id)
+    lease = acquire_lease(project.devices, "train")
+    lease.release()
+    for service, record in pids.items():
+        assert record is not None and not host_processes.is_alive(*record.identity), service
+        assert read_record(project.settings, service) is None
+    stray = [info for info in host_processes.list_processes([MARKER_VAR])
+             if info.env.get(MARKER_VAR, "").startswith(f"{token}/")]
+    assert stray == []
+    assert not port_in_use(project.settings.prefect_port) and not port_in_use(project.settings.mlflow_port)
+    again = project.script("down")
+    assert again.returncode == 0 and again.stdout.count("not running") == len(SERVICES)

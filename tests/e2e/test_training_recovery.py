@@ -1,0 +1,257 @@
+"""Training that survives failures, for real: torchrun with 2 gloo ranks on the tiny model, a rank SIGKILLed mid-run.
+
+The first test runs the whole sft flow (serve off) and kills a rank at a random step: the task must resume and
+finish the planned steps in ONE MLflow run holding the whole loss curve. The second calls run_training directly and
+truncates the newest checkpoint before the kill: the retry must fall back to the one before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from npu_sft.datasets import prepare_datasets
+from npu_sft.engine import DistributedLaunch
+from npu_sft.llamafactory_config import resolve_train_config, write_config
+from npu_sft.settings import Pipeline, load_pipeline
+from npu_sft.tiny_model import ensure_tiny_model, tokenizer_file
+from npu_sft.training import RetryPolicy, launch_env, run_training
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
+PLANNED_STEPS = 51  # 406 train rows, 2 ranks x 4 per device, 1 epoch
+# The shortest run that still shows everything: one epoch, a checkpoint every 10 steps, no API server.
+SHORT_RUN = [
+    "llamafactory.overrides.num_train_epochs=1",
+    "llamafactory.overrides.save_steps=10",
+    "serve.enabled=false",
+    "training.retry_delay_s=1",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, engine_python: Path) -> Path:
+    """The generated tiny model, made once per test session (each module that imports this reuses it from disk)."""
+    cache = tmp_path_factory.getbasetemp() / "tiny-models"
+    pipeline = load_pipeline(DEMO_CONFIG, [f"engine.python={engine_python}"])
+    ensure_tiny_model(pipeline.settings.engine, cache)
+    return cache
+
+
+def with_cached_model(project: Path, tiny_models: Path) -> Path:
+    """A project whose model cache already holds the tiny model, as after a first `npu-sft demo`."""
+    models = project / ".npu-sft" / "models"
+    shutil.copytree(tiny_models, models, dirs_exist_ok=True)
+    return project
+
+
+def run_sft_cli(
+    project: Path, engine_python: Path, overrides: list[str], timeout_s: float = 600
+) -> subprocess.CompletedProcess:
+    """`npu-sft demo` in its own project dir, with device leases of its own: other runs on the host cannot stall it."""
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
+    env.pop("PREFECT_API_URL", None)
+    sets = [f"engine.python={engine_python}", f"devices.state_dir={project / 'leases'}", *overrides]
+    argv = [sys.executable, "-m", "npu_sft.cli", "demo", *(arg for s in sets for arg in ("--set", s))]
+    return subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+def mlflow_client(project: Path) -> MlflowClient:
+    uri = f"sqlite:///{project}/mlruns/mlflow.db"
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def last_logged_step(trainer_log: Path) -> int:
+    if not trainer_log.is_file():
+        return 0
+    lines = [line for line in trainer_log.read_text().splitlines() if line.strip()]
+    try:
+        return int(json.loads(lines[-1])["current_steps"]) if lines else 0
+    except json.JSONDecodeError:  # caught mid-write
+        return 0
+
+
+def torchrun_ranks(marker: str) -> tuple[int, list[int]]:
+    """The torchrun agent whose command line mentions `marker`, and its children (the ranks), from /proc."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "torch.distributed.run" in argv and any(marker in arg for arg in argv):
+            tasks = (entry / "task").iterdir()
+            children = [int(pid) for task in tasks for pid in (task / "children").read_text().split()]
+            return int(entry.name), children
+    raise LookupError(f"no torchrun process for {marker}")
+
+
+@dataclass
+class RankKiller:
+    """Watches a trainer log from a thread and, once it reaches `at_step`, runs `before_kill` and SIGKILLs one rank."""
+
+    trainer_logs: Callable[[], list[Path]]
+    marker: Callable[[], str]
+    at_step: int
+    before_kill: Callable[[Path], None] = lambda output_dir: None
+    killed: dict = field(default_factory=dict)
+    error: Exception | None = None
+
+    def __post_init__(self) -> None:
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                for log in self.trainer_logs():
+                    step = last_logged_step(log)
+                    if step >= self.at_step:
+                        self.before_kill(log.parent)
+                        agent, ranks = torchrun_ranks(self.marker())
+                        victim = random.choice(ranks)
+                        os.kill(victim, signal.SIGKILL)
+                        self.killed = {"step": step, "pid": victim, "agent": agent, "ranks": ranks}
+                        return
+                time.sleep(0.02)
+        except (OSError, LookupError) as err:  # reported by the test, not lost in the thread
+            self.error = err
+
+    def join(self) -> dict:
+        self._thread.join(timeout=10)
+        if self.error is not None:
+            raise self.error
+        return self.killed
+
+
+def test_rank_killed_at_a_random_step_resumes_in_the_same_mlflow_run(
+    tmp_path: Path, engine_python: Path, tiny_models: Path
+) -> None:
+    with_cached_model(tmp_path, tiny_models)
+    kill_at = random.randint(12, 40)  # after the first checkpoint, well before the end
+    runs = tmp_path / ".npu-sft" / "runs"
+    killer = RankKiller(
+        trainer_logs=lambda: sorted(runs.glob("*/output/trainer_log.jsonl")),
+        marker=lambda: str(runs),
+        at_step=kill_at,
+    )
+    completed = run_sft_cli(tmp_path, engine_python, SHORT_RUN)
+    killed = killer.join()
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    assert killed, f"training ended before step {kill_at}: nothing was killed"
+
+    client = mlflow_client(tmp_path)
+    experiment = client.get_experiment_by_name("sft-tiny")
+    (run,) = client.search_runs([experiment.experiment_id])  # ONE run, resumed in place
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["train/attempts"] == 2
+    assert run.data.metrics["train/steps"] == PLANNED_STEPS
+    history = client.get_metric_history(run.info.run_id, "loss")
+    steps = [metric.step for metric in sorted(history, key=lambda m: m.timestamp)]
+    assert sorted(steps) == list(range(2, PLANNED_STEPS, 2)), f"killed {killed}: loss logged at {steps}"
+
+    run_dir = runs / run.info.run_id
+    state = json.loads((run_dir / "output" / "trainer_state.json").read_text())
+    assert state["global_step"] == state["max_steps"] == PLANNED_STEPS
+    log = (run_dir / "logs" / "train.log").read_text()
+    resumed_from = int(log.split("training attempt 2/3, resuming from checkpoint-")[1].split()[0].rstrip(","))
+    assert 10 <= resumed_from <= killed["step"] and resumed_from % 10 == 0
+    assert (run_dir / "llamafactory.attempt-2.yaml").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# run_training directly: a truncated newest checkpoint
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class TinyTraining:
+    pipeline: Pipeline
+    config: dict
+
+
+def tiny_training(project: Path, engine_python: Path, tiny_models: Path, overrides: list[str]) -> TinyTraining:
+    """The engine config the train task would write for the demo pipeline: generated model, prepared data."""
+    pipeline = load_pipeline(
+        DEMO_CONFIG, [f"engine.python={engine_python}", f"state_dir={project / '.npu-sft'}", *overrides]
+    )
+    model = ensure_tiny_model(pipeline.settings.engine, tiny_models)
+    data = prepare_datasets(
+        pipeline.data_settings(),
+        val_size=pipeline.val_size,
+        cutoff_len=pipeline.cutoff_len,
+        tokenizer_file=tokenizer_file(model),
+        out_root=pipeline.state_dir / "datasets",
+    )
+    config = resolve_train_config(
+        pipeline, model_path=str(model), data_args=data.llamafactory_args(), output_dir=project / "output"
+    )
+    return TinyTraining(pipeline, config)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(
+    tmp_path: Path, engine_python: Path, tiny_models: Path
+) -> None:
+    tiny = tiny_training(tmp_path, engine_python, tiny_models, SHORT_RUN)
+    config_file = write_config(tiny.config, tmp_path / "llamafactory.yaml")
+    output_dir = Path(tiny.config["output_dir"])
+
+    def truncate_checkpoint_20(output: Path) -> None:
+        weights = output / "checkpoint-20" / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    # Step 22 is logged after checkpoint-20 is saved, so both checkpoints are whole when the watcher strikes.
+    killer = RankKiller(
+        trainer_logs=lambda: [output_dir / "trainer_log.jsonl"],
+        marker=lambda: str(config_file),
+        at_step=22,
+        before_kill=truncate_checkpoint_20,
+    )
+    events: list[str] = []
+    logged: list[tuple[str, float, int]] = []
+    result = run_training(
+        tiny.pipeline.settings.engine,
+        DistributedLaunch(nproc_per_node=2, master_port=free_port()),
+        config_file,
+        output_dir,
+        device_env=launch_env("cpu"),
+        log_file=tmp_path / "train.log",
+        on_line=lambda line: None,
+        on_event=events.append,
+        on_metrics=logged.extend,
+        policy=RetryPolicy(max_attempts=2, retry_delay_s=1),
+    )
+    killed = killer.join()
+    assert killed and killed["step"] >= 22
+    assert [attempt.resumed_from_step for attempt in result.attempts] == [0, 10]
+    assert result.attempts[0].failure is not None and "SIGKILL" in result.attempts[0].failure.evidence
+    assert any("skipping incomplete checkpoint-20 (adapter_model.safetensors" in event for event in events), events
+    assert (output_dir / "incomplete-checkpoint-20").is_dir()
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == PLANNED_STEPS
+    loss_steps = [step for key, _, step in logged if key == "loss"]
+    assert loss_steps == list(range(2, PLANNED_STEPS, 2))  # steps 12..22 ran twice, logged once

@@ -1,0 +1,78 @@
+"""The serve flow's pieces that need no engine: registry lookups, adapter download, API key and port checks."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from npu_sft import registry, tracking
+from npu_sft.api_service import API_KEY_VAR, check_api_key, check_port_free
+from npu_sft.registry import RegistryError
+from npu_sft.serving import ServeError
+from npu_sft.settings import MlflowSettings
+
+MODEL = "tiny-qwen2-lora"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> MlflowSettings:
+    """An MLflow store with two registered versions of MODEL, made the way the sft flow's publish task makes them."""
+    root = tmp_path_factory.mktemp("registry")
+    settings = MlflowSettings(
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}", artifact_location=str(root / "artifacts"), experiment="t"
+    )
+    for weights in (b"v1", b"v2"):
+        adapter = root / f"adapter-{weights.decode()}"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+        (adapter / "adapter_model.safetensors").write_bytes(weights)
+        run_id = tracking.start_run(settings, run_name="r", tags={})
+        tracking.log_artifact(settings, run_id, adapter, "adapter")
+        tracking.register_artifact(settings, run_id, "adapter", MODEL)
+    return settings
+
+
+def test_latest_is_the_highest_version(store: MlflowSettings) -> None:
+    assert registry.resolve_version(store, MODEL, "latest") == "2"
+    assert registry.resolve_version(store, MODEL, "1") == "1"
+
+
+def test_missing_versions_and_models_are_clear_errors(store: MlflowSettings) -> None:
+    with pytest.raises(RegistryError, match="no version 9"):
+        registry.resolve_version(store, MODEL, "9")
+    with pytest.raises(RegistryError, match="run the sft flow first"):
+        registry.resolve_version(store, "never-trained", "latest")
+
+
+def test_download_puts_the_versions_adapter_in_place_once(store: MlflowSettings, tmp_path: Path) -> None:
+    dest = tmp_path / f"{MODEL}-v1"
+    assert registry.download_version(store, MODEL, "1", dest) == dest
+    assert (dest / "adapter_model.safetensors").read_bytes() == b"v1"
+    (dest / "adapter_model.safetensors").write_bytes(b"local")  # a second call must not download again
+    registry.download_version(store, MODEL, "1", dest)
+    assert (dest / "adapter_model.safetensors").read_bytes() == b"local"
+    assert not dest.with_name(dest.name + ".partial").exists()
+
+
+def test_tagging_a_version(store: MlflowSettings) -> None:
+    registry.tag_version(store, MODEL, "2", "npu_sft.smoke_reply", "hello")
+    version = tracking.client_for(store).get_model_version(MODEL, "2")
+    assert version.tags["npu_sft.smoke_reply"] == "hello"
+
+
+def test_keep_serving_needs_a_real_api_key() -> None:
+    with pytest.raises(ServeError, match=API_KEY_VAR):
+        check_api_key({})
+    with pytest.raises(ServeError, match=API_KEY_VAR):
+        check_api_key({API_KEY_VAR: "short"})
+    assert check_api_key({API_KEY_VAR: "k" * 32}) == "k" * 32
+
+
+def test_a_taken_port_is_refused() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        with pytest.raises(ServeError, match="in use"):
+            check_port_free("127.0.0.1", holder.getsockname()[1])

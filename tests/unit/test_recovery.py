@@ -1,0 +1,348 @@
+"""Failure classification on exact engine output, and the retry loop with injected runner, clock and npu-smi probe."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+import yaml
+
+from npu_sft.devices import DeviceProcess
+from npu_sft.engine import DistributedLaunch, EngineSettings
+from npu_sft.process import CompletedCommand
+from npu_sft.recovery import FailureKind, classify_failure
+from npu_sft.training import RetryPolicy, TrainingFailed, run_training
+from tests.unit.test_recovery_checkpoints import truncate, write_checkpoint, write_torch_archive
+
+SITE = "/work/main/.npu-sft/engine/lib/python3.11/site-packages"
+
+# The seed's FAQ (Ascend LLaMA-Factory docs), verbatim: HCCL cannot open a card the last training still holds.
+HCCL_DEVICE_BUSY = """\
+    RuntimeError: [ERROR] HCCL error in: torch_npu/csrc/distributed/ProcessGroupHCCL.cpp:64
+[ERROR] 2024-05-21-11:57:54 (PID:927000, Device:3, RankID:3) ERR02200 DIST call hccl api failed.
+EJ0001: 2024-05-21-11:57:54.167.645 Failed to initialize the HCCP process. Reason: Maybe the last training process is running.
+        Solution: Wait for 10s after killing the last training process and try again.
+        TraceBack (most recent call last):
+        tsd client wait response fail, device response code[1]. unknown device error.[FUNC:WaitRsp][FILE:process_mode_manager.cpp][LINE:290]
+        Fail to get sq reg virtual addr, deviceId=3, sqId=40.[FUNC:Setup][FILE:stream.cc][LINE:1102]
+        stream setup failed, retCode=0x7020010.[FUNC:SyncGetDevMsg][FILE:api_impl.cc][LINE:4643]
+        Sync get device msg failed, retCode=0x7020010.[FUNC:GetDevErrMsg][FILE:api_impl.cc][LINE:4704]
+        rtGetDevMsg execute failed, reason=[driver error:internal error][FUNC:FuncErrorReason][FILE:error_message_manage.cc][LINE:53]
+""".splitlines()
+
+# torchrun's report after `kill -9` of rank 1 during a 2-rank gloo run (captured on this project's engine env).
+RANK_KILLED = f"""\
+ 47%|████▋     | 24/51 [00:01<00:01, 15.03it/s][rank0]: Traceback (most recent call last):
+[rank0]:   File "{SITE}/torch/nn/parallel/distributed.py", line 2364, in _distributed_broadcast_coalesced
+[rank0]:     dist._broadcast_coalesced(
+[rank0]: RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:53992: Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the application. Check the logs of the remote worker before reporting an error. GLHF! 🏖️
+W1122 20:43:40.475000 630 {SITE}/torch/distributed/elastic/multiprocessing/api.py:1028] Sending process 644 closing signal SIGTERM
+E1122 20:43:40.591000 630 {SITE}/torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: -9) local_rank: 1 (pid: 645) of binary: /work/main/.npu-sft/engine/bin/python
+Traceback (most recent call last):
+  File "{SITE}/torch/distributed/launcher/api.py", line 386, in launch_agent
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError: 
+=====================================================
+llamafactory.launcher FAILED
+-----------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-22_20:43:40
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 644)  (SIGTERM)
+  error_file: <N/A>
+  traceback : Signal 15 (SIGTERM) received by PID 644
+-----------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-22_20:43:40
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 645)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 645
+=====================================================""".splitlines()
+
+# An unknown key in the LLaMA-Factory YAML (`lora_rnk: 8`), as the engine prints it under torchrun.
+UNKNOWN_KEY = f"""\
+[rank0]: Traceback (most recent call last):
+[rank0]:   File "{SITE}/llamafactory/hparams/parser.py", line 107, in _parse_args
+[rank0]:     return parser.parse_dict(args, allow_extra_keys=allow_extra_keys)
+[rank0]:   File "{SITE}/transformers/hf_argparser.py", line 383, in parse_dict
+[rank0]:     raise ValueError(f"Some keys are not used by the HfArgumentParser: {{sorted(unused_keys)}}")
+[rank0]: ValueError: Some keys are not used by the HfArgumentParser: ['lora_rnk']
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError: """.splitlines()
+
+# `bf16: true` on a host without bf16 support: raised before the process group exists, so without rank prefixes.
+BAD_ARGUMENT = f"""\
+Traceback (most recent call last):
+  File "{SITE}/llamafactory/hparams/training_args.py", line 153, in __post_init__
+    BaseTrainingArguments.__post_init__(self)
+  File "{SITE}/transformers/training_args.py", line 1738, in _validate_args
+    raise ValueError(error_message)
+[INFO|configuration_utils.py:847] 2026-11-22 20:47:35,104 >> Model config Qwen2Config {{
+ValueError: Your setup doesn't support bf16/gpu. You need to assign use_cpu if you want to train the model on CPU.
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError: """.splitlines()
+
+CUDA_OOM = [
+    "[rank1]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has a total capacity of "
+    "79.15 GiB of which 1.06 GiB is free. Of the allocated memory 75.31 GiB is allocated by PyTorch",
+    "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
+]
+NPU_OOM = [
+    "[rank3]: RuntimeError: NPU out of memory. Tried to allocate 1.53 GiB (NPU 3; 60.97 GiB total capacity; "
+    "57.11 GiB already allocated; 57.11 GiB current active; 1.02 GiB free; 59.37 GiB reserved in total by PyTorch)",
+]
+NPU_ERROR_MEMORY = [
+    "RuntimeError: [ERROR] 2024-06-03-10:21:09 (PID:4120, Device:0, RankID:0) ERR00100 PTA call acl api failed: "
+    "memory allocation failed",
+]
+
+
+def test_seed_hccl_busy_text_is_a_retryable_device_busy() -> None:
+    failure = classify_failure(HCCL_DEVICE_BUSY, 1)
+    assert failure.kind is FailureKind.DEVICE_BUSY and failure.retryable
+    assert "Maybe the last training process is running" in failure.evidence
+
+
+@pytest.mark.parametrize("tail", [CUDA_OOM, NPU_OOM, NPU_ERROR_MEMORY], ids=["cuda", "npu", "npu-error-code"])
+def test_out_of_memory_is_not_retryable(tail: list[str]) -> None:
+    failure = classify_failure(tail, 1)
+    assert failure.kind is FailureKind.OUT_OF_MEMORY and not failure.retryable
+    assert "memory" in failure.evidence and not failure.evidence.startswith("[rank")
+
+
+def test_unknown_key_is_a_config_error() -> None:
+    failure = classify_failure(UNKNOWN_KEY, 1)
+    assert failure.kind is FailureKind.CONFIG_ERROR and not failure.retryable
+    assert failure.evidence == "ValueError: Some keys are not used by the HfArgumentParser: ['lora_rnk']"
+
+
+def test_value_error_from_argument_checks_is_a_config_error() -> None:
+    failure = classify_failure(BAD_ARGUMENT, 1)
+    assert failure.kind is FailureKind.CONFIG_ERROR
+    assert failure.evidence.startswith("ValueError: Your setup doesn't support bf16/gpu")
+
+
+def test_lora_target_missing_from_the_model_is_a_config_error() -> None:
+    tail = [
+        "[rank0]: Traceback (most recent call last):",
+        f'[rank0]:   File "{SITE}/llamafactory/model/adapter.py", line 301, in init_adapter',
+        f'[rank0]:   File "{SITE}/peft/tuners/tuners_utils.py", line 880, in inject_adapter',
+        "[rank0]:     raise ValueError(error_msg)",
+        "[rank0]: ValueError: Target modules {'no_such_proj'} not found in the base model. Please check the target "
+        "modules and try again.",
+    ]
+    assert classify_failure(tail, 1).kind is FailureKind.CONFIG_ERROR
+
+
+def test_value_error_elsewhere_is_a_crash() -> None:
+    tail = [
+        "[rank0]: Traceback (most recent call last):",
+        f'[rank0]:   File "{SITE}/transformers/models/qwen2/modeling_qwen2.py", line 301, in forward',
+        "[rank0]: ValueError: Attention mask should be of size (4, 1, 128, 128)",
+    ]
+    failure = classify_failure(tail, 1)
+    assert failure.kind is FailureKind.CRASHED and failure.retryable
+    assert failure.evidence == "ValueError: Attention mask should be of size (4, 1, 128, 128)"
+
+
+def test_killed_rank_is_a_retryable_crash_naming_the_rank() -> None:
+    failure = classify_failure(RANK_KILLED, 1)
+    assert failure.kind is FailureKind.CRASHED and failure.retryable
+    assert failure.evidence == "rank 1 (pid 645) was killed by SIGKILL"
+
+
+def test_killed_launcher_is_a_retryable_crash() -> None:
+    failure = classify_failure(["{'loss': 5.1, 'epoch': 0.4}"], -9)
+    assert failure.kind is FailureKind.CRASHED and failure.evidence == "the launcher was killed by signal 9"
+
+
+def test_success_is_not_a_failure() -> None:
+    with pytest.raises(ValueError, match="exited with code 0"):
+        classify_failure([], 0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The retry loop, with a scripted engine
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class ScriptedEngine:
+    """Plays one scripted attempt per call: writes trainer-log records and checkpoints, then exits with a tail."""
+
+    def __init__(self, output_dir: Path, script: list[dict]):
+        self.output_dir = output_dir
+        self.script = script
+        self.configs: list[dict] = []
+
+    def __call__(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, log_file: Path | None = None,
+                 on_line=None) -> CompletedCommand:
+        step = self.script[len(self.configs)]
+        self.configs.append(yaml.safe_load(Path(argv[-1]).read_text()))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with (self.output_dir / "trainer_log.jsonl").open("a") as log:
+            for current in step.get("steps", []):
+                log.write(json.dumps({"current_steps": current, "total_steps": 30, "loss": 10.0 - current / 10,
+                                      "percentage": round(current / 30 * 100, 2)}) + "\n")
+        for checkpoint in step.get("checkpoints", []):
+            write_checkpoint(self.output_dir, checkpoint)
+        for checkpoint in step.get("rng_only_checkpoints", []):  # what a node without shared storage gets
+            (self.output_dir / f"checkpoint-{checkpoint}").mkdir()
+            write_torch_archive(self.output_dir / f"checkpoint-{checkpoint}" / "rng_state_1.pth")
+        for path in step.get("truncate", []):
+            truncate(self.output_dir / path)
+        return CompletedCommand(list(argv), step["returncode"], step.get("tail", []), log_file, 1.0)
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> dict:
+    config_file = tmp_path / "llamafactory.yaml"
+    config_file.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "output"), "overwrite_output_dir": True}))
+    return {
+        "engine": EngineSettings(python=sys.executable),
+        "launch": DistributedLaunch(nproc_per_node=2, master_port=29555),
+        "config_file": config_file,
+        "output_dir": tmp_path / "output",
+        "device_env": {},
+        "log_file": tmp_path / "logs" / "train.log",
+        "on_line": lambda line: None,
+        "poll_interval_s": 0.01,
+    }
+
+
+def test_hccl_busy_waits_for_idle_cards_then_the_settle_time_then_retries(job: dict) -> None:
+    engine = ScriptedEngine(job["output_dir"], [
+        {"returncode": 1, "tail": HCCL_DEVICE_BUSY},
+        {"returncode": 0, "steps": [2, 4]},
+    ])
+    clock = FakeClock()
+    probes: list[tuple[int, ...]] = []
+
+    def npu_smi(ids: Sequence[int]) -> dict[int, tuple[DeviceProcess, ...]]:
+        probes.append(tuple(ids))
+        still_there = (DeviceProcess(pid=927000, name="python", memory_mb=3200),) if len(probes) < 3 else ()
+        return {device_id: still_there for device_id in ids}
+
+    events: list[str] = []
+    result = run_training(
+        **job, on_metrics=lambda m: None, on_event=events.append, run_command=engine,
+        policy=RetryPolicy(max_attempts=3, device_settle_s=10, device_poll_s=5),
+        device_ids=(2, 3), device_probe=npu_smi, sleep=clock.sleep, clock=clock,
+    )
+    assert len(engine.configs) == 2
+    assert probes == [(2, 3)] * 3  # busy, busy, idle
+    assert clock.sleeps == [5, 5, 10]  # two polls while pid 927000 holds the cards, then HCCL's 10 s
+    assert [a.failure.kind if a.failure else None for a in result.attempts] == [FailureKind.DEVICE_BUSY, None]
+    assert any("pid 927000" in event for event in events)
+
+
+def test_cards_that_never_come_free_end_the_training(job: dict) -> None:
+    engine = ScriptedEngine(job["output_dir"], [{"returncode": 1, "tail": HCCL_DEVICE_BUSY}])
+    clock = FakeClock()
+
+    def npu_smi(ids: Sequence[int]) -> dict[int, tuple[DeviceProcess, ...]]:
+        return {device_id: (DeviceProcess(pid=4242),) for device_id in ids}
+
+    with pytest.raises(TrainingFailed, match=r"still run processes after 60 s \(0: pid 4242\)"):
+        run_training(**job, on_metrics=lambda m: None, run_command=engine, device_ids=(0,), device_probe=npu_smi,
+                     policy=RetryPolicy(device_release_timeout_s=60, device_poll_s=5), sleep=clock.sleep, clock=clock)
+    assert len(engine.configs) == 1
+
+
+@pytest.mark.parametrize(
+    ("tail", "kind"), [(NPU_OOM, FailureKind.OUT_OF_MEMORY), (UNKNOWN_KEY, FailureKind.CONFIG_ERROR)]
+)
+def test_out_of_memory_and_config_errors_are_not_retried(job: dict, tail: list[str], kind: FailureKind) -> None:
+    engine = ScriptedEngine(job["output_dir"], [{"returncode": 1, "tail": tail}, {"returncode": 0}])
+    clock = FakeClock()
+    with pytest.raises(TrainingFailed, match=r"^training failed after 1 attempt\(s\) \(not retryable\)") as raised:
+        run_training(**job, on_metrics=lambda m: None, run_command=engine, sleep=clock.sleep, clock=clock)
+    assert raised.value.failure.kind is kind and len(raised.value.attempts) == 1
+    assert len(engine.configs) == 1 and clock.sleeps == []
+
+
+def test_crash_resumes_from_the_newest_complete_checkpoint_and_logs_each_step_once(job: dict) -> None:
+    engine = ScriptedEngine(job["output_dir"], [
+        {"returncode": 1, "tail": RANK_KILLED, "steps": [2, 4, 6, 8, 10, 12, 14], "checkpoints": [5, 10]},
+        {"returncode": 0, "steps": [12, 14, 16, 18, 20]},
+    ])
+    logged: list[tuple[str, float, int]] = []
+    progress: list[float] = []
+    clock = FakeClock()
+    result = run_training(**job, on_metrics=logged.extend, on_progress=progress.append, run_command=engine,
+                          policy=RetryPolicy(retry_delay_s=2), sleep=clock.sleep, clock=clock)
+    assert engine.configs[0].get("resume_from_checkpoint") is None
+    assert engine.configs[1]["resume_from_checkpoint"] == str(job["output_dir"] / "checkpoint-10")
+    assert engine.configs[1]["overwrite_output_dir"] is True
+    loss_steps = [step for key, _, step in logged if key == "loss"]
+    assert loss_steps == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]  # 12 and 14 ran twice, logged once
+    assert progress[-1] == pytest.approx(66.67)
+    assert [(a.resumed_from_step, a.last_step) for a in result.attempts] == [(0, 14), (10, 20)]
+    assert clock.sleeps == [2]
+    # Each attempt's trainer log stays readable.
+    assert (job["output_dir"] / "trainer_log.before-attempt-2.jsonl").is_file()
+    assert "training attempt 2/3, resuming from checkpoint-10" in job["log_file"].read_text()
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(job: dict) -> None:
+    engine = ScriptedEngine(job["output_dir"], [
+        {"returncode": -9, "steps": [2, 4, 6], "checkpoints": [3, 6], "truncate": ["checkpoint-6/optimizer.pt"]},
+        {"returncode": 0, "steps": [4, 6, 8]},
+    ])
+    events: list[str] = []
+    clock = FakeClock()
+    run_training(**job, on_metrics=lambda m: None, on_event=events.append, run_command=engine,
+                 sleep=clock.sleep, clock=clock)
+    assert engine.configs[1]["resume_from_checkpoint"] == str(job["output_dir"] / "checkpoint-3")
+    assert (job["output_dir"] / "incomplete-checkpoint-6").is_dir()
+    assert any("skipping incomplete checkpoint-6 (optimizer.pt is not a complete zip archive" in e for e in events)
+
+
+def test_attempts_are_bounded(job: dict) -> None:
+    engine = ScriptedEngine(job["output_dir"], [{"returncode": 1, "tail": RANK_KILLED}] * 2)
+    clock = FakeClock()
+    expected = r"after 2 attempt\(s\) \(training.max_attempts reached\): crashed: rank 1"
+    with pytest.raises(TrainingFailed, match=expected) as raised:
+        run_training(**job, on_metrics=lambda m: None, run_command=engine, policy=RetryPolicy(max_attempts=2),
+                     sleep=clock.sleep, clock=clock)
+    assert len(raised.value.attempts) == 2 and len(engine.configs) == 2
+
+
+def test_a_rerun_of_the_task_resumes_and_skips_steps_mlflow_already_has(job: dict) -> None:
+    # The orchestrator itself died after checkpoint-10; the task runs again on the same run directory.
+    write_checkpoint(job["output_dir"], 10)
+    engine = ScriptedEngine(job["output_dir"], [{"returncode": 0, "steps": [12, 14, 16]}])
+    logged: list[tuple[str, float, int]] = []
+    run_training(**job, on_metrics=logged.extend, run_command=engine, logged_steps={"loss": 14})
+    assert engine.configs[0]["resume_from_checkpoint"] == str(job["output_dir"] / "checkpoint-10")
+    assert [step for key, _, step in logged if key == "loss"] == [16]
+
+
+def test_a_node_without_the_shared_checkpoints_does_not_start_over(job: dict) -> None:
+    # Node 1 of 2 with its own disk: its checkpoint dirs only hold its rank's RNG state.
+    engine = ScriptedEngine(job["output_dir"], [
+        {"returncode": 1, "tail": RANK_KILLED, "rng_only_checkpoints": [10]},
+        {"returncode": 0},
+    ])
+    job["launch"] = DistributedLaunch(nproc_per_node=1, master_port=29555, nnodes=2, node_rank=1)
+    with pytest.raises(TrainingFailed, match="node 1 holds no complete checkpoint"):
+        run_training(**job, on_metrics=lambda m: None, run_command=engine, sleep=lambda s: None)
+    assert len(engine.configs) == 1
