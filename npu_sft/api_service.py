@@ -11,9 +11,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from npu_sft import process
-from npu_sft.engine import EngineSettings, api_server_command
-from npu_sft.serving import ServeError, wait_until_ready
+from npu_sft.engine import EngineSettings
+from npu_sft.serving import ServeError, api_server
 from npu_sft.settings import ServeSettings
 
 API_KEY_VAR = "NPU_SFT_API_KEY"  # the key clients send; set in the worker's environment, never in a config file
@@ -55,20 +54,19 @@ def serve_until_stopped(
 ) -> None:
     """Serve until interrupted; raises ServeError if the server fails to start or exits on its own."""
     check_port_free(settings.host, port)
-    command = api_server_command(
+    with api_server(
         engine,
+        settings,
         model_path=model_path,
         adapter_path=adapter_path,
         template=template,
-        host=settings.host,
+        device_env=device_env,
         port=port,
         api_key=api_key,
-        env=device_env,
-    )
-    base_url = f"http://{settings.host}:{port}"
-    with process.start_background(command.argv, env=command.env, log_file=log_file) as server:
-        wait_until_ready(server, base_url, api_key, settings.startup_timeout_s)
-        on_ready(base_url)
+        log_file=log_file,
+    ) as running:
+        on_ready(running.base_url)
+        server = running.process
         while True:
             code = server.exited()
             if code is not None:

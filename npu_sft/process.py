@@ -61,6 +61,7 @@ def run_streaming(
     log_file: Path | None = None,
     on_line: Callable[[str], None] | None = None,
     stdin_file: Path | None = None,
+    orphan_grace_s: float = 10.0,
 ) -> CompletedCommand:
     """Run a command to completion, sending each output line (stderr merged) to `on_line` and to `log_file`.
 
@@ -86,6 +87,10 @@ def run_streaming(
         bufsize=1,
         start_new_session=True,
     )
+    output_closed = threading.Event()
+    threading.Thread(
+        target=_stop_orphans_of, args=(proc, output_closed, orphan_grace_s), name="npu-sft-orphans", daemon=True
+    ).start()
     try:
         if proc.stdout is None:
             raise RuntimeError("subprocess stdout pipe missing")
@@ -98,16 +103,30 @@ def run_streaming(
             tail.append(line)
             if on_line is not None and line.strip() and not is_progress_noise(line):
                 on_line(line)
+        output_closed.set()
         returncode = proc.wait()
     except BaseException:
         stop_process_group(proc)
         raise
     finally:
+        output_closed.set()
         if log is not None:
             log.close()
         if stdin is not None:
             stdin.close()
     return CompletedCommand(list(argv), returncode, list(tail), log_file, time.monotonic() - started)
+
+
+def _stop_orphans_of(proc: subprocess.Popen, output_closed: threading.Event, grace_s: float) -> None:
+    """When the command's leader exits (torchrun killed, say) but its children still hold the output pipe open,
+    kill what is left of its process group after `grace_s`, so the run ends now instead of when they finish."""
+    proc.wait()
+    if output_closed.wait(grace_s):
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the group emptied in the meantime
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:

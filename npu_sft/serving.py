@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,6 @@ class SmokeResult:
     model: str
     startup_s: float
     latency_s: float
-    unauthorized_status: int  # what a request with a wrong key got: must be 401
 
 
 def wait_until_ready(server: process.BackgroundProcess, base_url: str, api_key: str, timeout_s: float) -> float:
@@ -61,7 +61,15 @@ def chat_once(base_url: str, api_key: str, model: str, prompt: str, max_tokens: 
     return response.json()["choices"][0]["message"]["content"]
 
 
-def smoke_test(
+@dataclass(frozen=True)
+class RunningServer:
+    process: process.BackgroundProcess
+    base_url: str
+    startup_s: float
+
+
+@contextmanager
+def api_server(
     engine: EngineSettings,
     settings: ServeSettings,
     *,
@@ -70,10 +78,10 @@ def smoke_test(
     template: str,
     device_env: Mapping[str, str],
     port: int,
+    api_key: str,
     log_file: Path,
-) -> SmokeResult:
-    """Serve the adapter, check a wrong key is refused, get one chat completion, stop the server."""
-    api_key = secrets.token_urlsafe(24)  # per launch, never logged or stored
+) -> Iterator[RunningServer]:
+    """LLaMA-Factory's API server, answering on `settings.host:port`, for the `with` block; stopped on the way out."""
     command = api_server_command(
         engine,
         model_path=model_path,
@@ -87,10 +95,43 @@ def smoke_test(
     base_url = f"http://{settings.host}:{port}"
     with process.start_background(command.argv, env=command.env, log_file=log_file) as server:
         startup_s = wait_until_ready(server, base_url, api_key, settings.startup_timeout_s)
+        yield RunningServer(server, base_url, startup_s)
+
+
+def smoke_test(
+    engine: EngineSettings,
+    settings: ServeSettings,
+    *,
+    model_path: str,
+    adapter_path: str,
+    template: str,
+    device_env: Mapping[str, str],
+    port: int,
+    log_file: Path,
+) -> SmokeResult:
+    """Serve the adapter, check a wrong key is refused, get one non-empty chat completion, stop the server.
+    Raises ServeError when any of that does not happen."""
+    api_key = secrets.token_urlsafe(24)  # per launch, never logged or stored
+    with api_server(
+        engine,
+        settings,
+        model_path=model_path,
+        adapter_path=adapter_path,
+        template=template,
+        device_env=device_env,
+        port=port,
+        api_key=api_key,
+        log_file=log_file,
+    ) as running:
+        base_url = running.base_url
         unauthorized = httpx.get(f"{base_url}/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=5)
         models = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=5).json()
         model = models["data"][0]["id"]
         started = time.monotonic()
         reply = chat_once(base_url, api_key, model, settings.prompt, settings.max_tokens)
         latency_s = time.monotonic() - started
-    return SmokeResult(reply, model, startup_s, latency_s, unauthorized.status_code)
+    if unauthorized.status_code != 401:
+        raise ServeError(f"the API server accepted a wrong API key (HTTP {unauthorized.status_code})")
+    if not reply.strip():
+        raise ServeError(f"the API server answered {settings.prompt!r} with an empty reply")
+    return SmokeResult(reply, model, running.startup_s, latency_s)

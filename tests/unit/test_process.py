@@ -53,3 +53,17 @@ def test_background_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
         time.sleep(0.05)
     else:
         raise AssertionError("grandchild survived stop()")
+
+
+def test_orphans_holding_the_pipe_are_stopped_when_the_leader_dies(tmp_path: Path) -> None:
+    # The leader (as torchrun) starts a child that inherits stdout and outlives it, then dies as if SIGKILLed.
+    script = (
+        "import os, signal, subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "print('started', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    started = time.monotonic()
+    completed = run_streaming([sys.executable, "-c", script], orphan_grace_s=1.0)
+    assert completed.returncode == -9
+    assert time.monotonic() - started < 30
