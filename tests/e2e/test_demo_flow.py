@@ -60,6 +60,7 @@ def test_mlflow_holds_a_finished_run_with_falling_loss(demo_run: dict) -> None:
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "config", "plots", "logs"} <= artifacts
     assert run.data.tags["serve.reply"].strip()
+    assert "NPU-SFT Tiny" in run.data.tags["serve.reply"]  # asked "Who are you?", it answers from the identity set
 
 
 def test_registered_version_holds_the_adapter(demo_run: dict, tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ def test_yaml_syntax_error(tmp_path: Path, demo_copy: Path) -> None:
 
 
 def test_unknown_pipeline_key(tmp_path: Path, demo_copy: Path) -> None:
-    demo_copy.write_text(demo_copy.read_text().replace("  max_tokens: 24", "  max_tokens: 24\n  temprature: 0.5"))
+    demo_copy.write_text(demo_copy.read_text().replace("  max_tokens: 32", "  max_tokens: 32\n  temprature: 0.5"))
     line = demo_copy.read_text().splitlines().index("  temprature: 0.5") + 1
     result = npu_sft("run", str(demo_copy), cwd=tmp_path)
     assert_refused_before_anything_started(result, tmp_path, f"{demo_copy}:{line}: serve.temprature: unknown key")
