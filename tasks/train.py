@@ -16,13 +16,12 @@ from npu_sft.settings import Pipeline
 from npu_sft.training import (
     RetryPolicy,
     TrainingFailed,
-    estimated_train_tokens_per_epoch,
     launch_env,
     mlflow_logged_steps,
     mlflow_metric_sink,
-    run_figures,
     run_training,
 )
+from npu_sft.training_figures import estimated_train_tokens_per_epoch, run_figures
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,10 @@ from npu_sft.training import (
     StepLedger,
     TrainerLogFollower,
     TrainingResult,
-    estimated_train_tokens_per_epoch,
     launch_env,
-    run_figures,
     step_metrics,
 )
+from npu_sft.training_figures import estimated_train_tokens_per_epoch, run_figures
 
 
 def test_device_memory_is_a_step_metric_only_where_the_device_reports_it() -> None:
