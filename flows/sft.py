@@ -52,7 +52,7 @@ def sft(config: str, overrides: list[str] | None = None) -> SftResult:
             mlflow_run_id=run.mlflow_run_id,
         )
         trained = train(pipeline, run, model_path, data)
-        metrics = evaluate(run, trained)
+        metrics = {**trained.figures, **evaluate(run, trained)}
         version = publish(run, trained, pipeline.settings.publish)
         reply = serve_smoke_test(pipeline, run, model_path, trained) if pipeline.settings.serve.enabled else None
     except BaseException:

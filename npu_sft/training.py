@@ -4,9 +4,12 @@ after it trains.
     result = run_training(engine, launch, config_file, output_dir, device_env=..., log_file=..., on_line=log.info,
                           on_metrics=log_to_mlflow, policy=RetryPolicy.from_settings(settings.training))
 
-One call is one training: up to `policy.max_attempts` torchrun attempts. A failed attempt is classified
-(`npu_sft.recovery.classify_failure`); a retryable one is followed by a wait (and, on NPUs, by npu-smi confirming
-the cards are idle) and an attempt that resumes from the newest COMPLETE checkpoint in the run's output dir.
+One call is one training: up to `policy.max_attempts` torchrun attempts. Whether an attempt finished is judged from
+its outputs (`npu_sft.completion`): a crash while the ranks shut down after writing them all is a warning, not a
+failure. A failed attempt is classified (`npu_sft.recovery.classify_failure`); a retryable one is followed by a wait
+(and, on NPUs, by npu-smi confirming the cards are idle) and an attempt that resumes from the newest COMPLETE
+checkpoint in the run's output dir. A complete checkpoint at the last step ends the training instead: its adapter is
+the result, evaluated by an evaluation-only engine run when the evaluation is missing.
 """
 
 from __future__ import annotations
@@ -24,9 +27,18 @@ from typing import Any, Protocol
 import yaml
 
 from npu_sft import process, tracking
+from npu_sft.completion import (
+    evaluation_config,
+    expects_evaluation,
+    final_checkpoint,
+    final_output_problems,
+    hand_over_checkpoint,
+    needs_evaluation,
+)
 from npu_sft.devices import DeviceError
 from npu_sft.engine import DistributedLaunch, EngineCommand, EngineSettings, torchrun_train_command
 from npu_sft.recovery import (
+    CheckpointCheck,
     DeviceProbe,
     DevicesStillBusy,
     Failure,
@@ -238,6 +250,32 @@ class Attempt:
     wall_time_s: float
     last_step: int | None  # the newest step its trainer log reached
     failure: Failure | None
+    records: tuple[dict[str, Any], ...] = ()  # what it appended to trainer_log.jsonl
+    # A crash while the ranks shut down, after the training's final outputs were all written: not a failure.
+    exit_crash: Failure | None = None
+
+    @property
+    def loop_time_s(self) -> float | None:
+        """Time in the training loop up to its newest logged step (LLaMA-Factory's `elapsed_time`, whole seconds)."""
+        times = [_seconds(r["elapsed_time"]) for r in self.records if isinstance(r.get("elapsed_time"), str)]
+        known = [t for t in times if t is not None]
+        return known[-1] if known else None
+
+
+def _seconds(elapsed: str) -> float | None:
+    """LLaMA-Factory's `str(timedelta(seconds=...))`: "0:01:05" or "1 day, 2:00:00"."""
+    days = 0
+    if "day" in elapsed:
+        day_part, _, elapsed = elapsed.partition(", ")
+        days = int(day_part.split()[0])
+    parts = elapsed.split(":")
+    if len(parts) != 3:
+        return None
+    try:
+        hours, minutes, seconds = int(parts[0]), int(parts[1]), float(parts[2])
+    except ValueError:
+        return None
+    return days * 86400 + hours * 3600 + minutes * 60 + seconds
 
 
 @dataclass(frozen=True)
@@ -248,6 +286,8 @@ class TrainingResult:
     records: list[dict[str, Any]]
     attempts: list[Attempt] = field(default_factory=list)
     peak_rank_rss_mb: float | None = None
+    # Set when the training was complete in a checkpoint at its last step and the outputs were taken from there.
+    finished_from_checkpoint: Path | None = None
 
 
 class TrainingFailed(process.CommandFailed):
@@ -385,6 +425,38 @@ def _run_attempt(
     return _AttemptOutput(completed, records, sampler.peak_kib)
 
 
+def _finish_from_final_checkpoint(
+    checkpoint: CheckpointCheck,
+    engine: EngineSettings,
+    launch: DistributedLaunch,
+    config_file: Path,
+    output_dir: Path,
+    run_config: Mapping[str, Any],
+    *,
+    device_env: Mapping[str, str],
+    log_file: Path,
+    on_line: Callable[[str], None],
+    on_event: Callable[[str], None],
+    run_command: CommandRunner,
+    attempts: list[Attempt],
+) -> None:
+    """Take the final adapter and trainer state from `checkpoint`, and evaluate it if the config evaluates and the
+    evaluation had not been written: the outputs a finished training leaves, without training again."""
+    copied = hand_over_checkpoint(checkpoint, output_dir)
+    taken = f"took {', '.join(copied)} from it" if copied else "the output dir already holds its final adapter"
+    on_event(f"{checkpoint.path.name} is the training's last step: nothing is left to train; {taken}")
+    if not needs_evaluation(output_dir, run_config):
+        return
+    header = f"evaluating {checkpoint.path.name} (the training ended before its evaluation)"
+    on_event(header)
+    _append_to_log(log_file, f"===== npu-sft: {header} =====")
+    command = torchrun_train_command(engine, launch, evaluation_config(config_file, checkpoint.path), env=device_env)
+    completed = run_command(command.argv, env=command.env, log_file=log_file, on_line=on_line)
+    if not completed.ok and needs_evaluation(output_dir, run_config):
+        failure = classify_failure(completed.tail, completed.returncode)
+        raise TrainingFailed(completed, failure, attempts, f"evaluating the final {checkpoint.path.name} failed")
+
+
 def run_training(
     engine: EngineSettings,
     launch: DistributedLaunch,
@@ -422,6 +494,24 @@ def run_training(
     attempts: list[Attempt] = []
     peak_rss_kib: int | None = None
     started = clock()
+    run_config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+
+    def result(finished_from: Path | None = None) -> TrainingResult:
+        return TrainingResult(
+            output_dir, clock() - started, log_file, records, attempts,
+            None if peak_rss_kib is None else peak_rss_kib / 1024, finished_from,
+        )
+
+    def finish_from(checkpoint: CheckpointCheck) -> TrainingResult:
+        _finish_from_final_checkpoint(
+            checkpoint, engine, launch, config_file, output_dir, run_config, device_env=device_env, log_file=log_file,
+            on_line=on_line, on_event=event, run_command=run_command, attempts=attempts,
+        )
+        return result(checkpoint.path)
+
+    # A re-run of the task on a training that already reached its last step (the orchestrator died after it).
+    if (checkpoint := final_checkpoint(output_dir)) is not None:
+        return finish_from(checkpoint)
     for number in range(1, policy.max_attempts + 1):
         resume = _prepare_output_dir(output_dir, number, event)
         attempt_config = _attempt_config(config_file, number, resume)
@@ -448,16 +538,25 @@ def run_training(
             peak_rss_kib = max(peak_rss_kib or 0, output.peak_rss_kib)
         completed = output.completed
         failure = None if completed.ok else classify_failure(completed.tail, completed.returncode)
+        exit_crash = None
+        if failure is not None and not final_output_problems(output_dir, expects_eval=expects_evaluation(run_config)):
+            # The work is done and on disk; the processes died on the way out (HCCL/gloo teardown).
+            event(
+                f"training attempt {number}/{policy.max_attempts} wrote all its final outputs, then "
+                f"{failure.evidence} while the processes shut down; the training counts as finished"
+            )
+            failure, exit_crash = None, failure
         steps = [int(r["current_steps"]) for r in output.records if "current_steps" in r]
         attempts.append(
             Attempt(number, attempt_config, resume.step, completed.returncode, completed.wall_time_s,
-                    max(steps, default=None), failure)
+                    max(steps, default=None), failure, tuple(output.records), exit_crash)
         )
         if failure is None:
-            return TrainingResult(
-                output_dir, clock() - started, log_file, records, attempts,
-                None if peak_rss_kib is None else peak_rss_kib / 1024,
-            )
+            return result()
+        if (checkpoint := final_checkpoint(output_dir)) is not None:
+            # The last step's checkpoint is whole: resuming from it would train nothing.
+            event(f"training attempt {number}/{policy.max_attempts} {failure.describe()} after its last checkpoint")
+            return finish_from(checkpoint)
         if not failure.retryable:
             raise TrainingFailed(completed, failure, attempts, "not retryable")
         if number == policy.max_attempts:

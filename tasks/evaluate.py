@@ -16,6 +16,9 @@ def evaluate(run: RunContext, trained: Trained) -> dict[str, float]:
     results = read_results(trained.output_dir)
     if not math.isfinite(results.get("eval_loss", math.nan)):
         raise ValueError(f"{trained.output_dir}/all_results.json holds no finite eval_loss: {results}")
-    tracking.log_metrics(run.mlflow, run.mlflow_run_id, [(key, value, 0) for key, value in results.items()])
+    # train_loss, train_runtime and the rates there describe the last attempt alone; the train task has logged the
+    # whole training's.
+    evaluation = {key: value for key, value in results.items() if not key.startswith("train_")}
+    tracking.log_metrics(run.mlflow, run.mlflow_run_id, [(key, value, 0) for key, value in evaluation.items()])
     get_run_logger().info("eval_loss %.4f, perplexity %.2f", results["eval_loss"], results["perplexity"])
-    return results
+    return evaluation

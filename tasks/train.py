@@ -29,6 +29,7 @@ class Trained:
     output_dir: Path
     config_file: Path
     wall_time_s: float
+    figures: dict[str, float]  # the whole training's, across its attempts (train_loss, train/samples_per_s, ...)
 
 
 @task
@@ -98,11 +99,16 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
         ),
     )
     tracking.log_metrics(run.mlflow, run.mlflow_run_id, [(key, value, 0) for key, value in figures.items()])
-    tracking.set_tags(run.mlflow, run.mlflow_run_id, sources)
+    outcome = {}
+    if result.finished_from_checkpoint is not None:
+        outcome["train/finished_from_checkpoint"] = result.finished_from_checkpoint.name
+    if exit_crashes := [attempt.exit_crash.evidence for attempt in result.attempts if attempt.exit_crash]:
+        outcome["train/exit_crash_after_finishing"] = exit_crashes[-1][:500]
+    tracking.set_tags(run.mlflow, run.mlflow_run_id, {**sources, **outcome})
     logger.info(
         "trained in %d attempt(s), %.0f s: %s",
         len(result.attempts),
         result.wall_time_s,
         ", ".join(f"{key.removeprefix('train/')} {value:.4g}" for key, value in figures.items()),
     )
-    return Trained(run.output_dir, config_file, result.wall_time_s)
+    return Trained(run.output_dir, config_file, result.wall_time_s, figures)

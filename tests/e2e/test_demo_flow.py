@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -80,6 +81,18 @@ def test_run_directory_is_the_runs_own(demo_run: dict) -> None:
     output = run_dirs[0] / "output"
     assert (output / "adapter_model.safetensors").is_file()
     assert (output / "trainer_log.jsonl").is_file()
+
+
+def test_an_uninterrupted_training_reports_transformers_own_figures(demo_run: dict) -> None:
+    client: MlflowClient = demo_run["client"]
+    (run,) = client.search_runs([client.get_experiment_by_name("sft-tiny").experiment_id])
+    engine = json.loads((demo_run["project"] / ".npu-sft" / "runs" / run.info.run_id / "output" / "train_results.json").read_text())
+    metrics = run.data.metrics
+    assert metrics["train/attempts"] == 1 and metrics["train/steps_run"] == metrics["train/steps"]
+    assert metrics["train_loss"] == pytest.approx(engine["train_loss"], rel=1e-6)
+    assert metrics["train_runtime"] == pytest.approx(engine["train_runtime"], rel=1e-6)
+    assert metrics["train_samples_per_second"] == pytest.approx(engine["train_samples_per_second"], rel=1e-3)
+    assert f"{metrics['train_loss']:.4f}" in demo_run["stdout"]  # the summary table shows the same figure
 
 
 def test_mlflow_run_holds_the_dataset_statistics(demo_run: dict) -> None:

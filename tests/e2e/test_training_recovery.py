@@ -171,6 +171,22 @@ def test_rank_killed_at_a_random_step_resumes_in_the_same_mlflow_run(
     run_dir = runs / run.info.run_id
     state = json.loads((run_dir / "output" / "trainer_state.json").read_text())
     assert state["global_step"] == state["max_steps"] == PLANNED_STEPS
+    # The loss plot is drawn from the trainer state's log history: every logged step there once.
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == list(range(2, PLANNED_STEPS, 2))
+    assert "training_loss.png" in [a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run.info.run_id, "plots")]
+
+    # The figures describe the whole training, not its last attempt. transformers' train_loss after a resume sums
+    # the last attempt's steps and divides by all 51; the curve's mean covers steps 1..50 (step 51 is not logged).
+    metrics = run.data.metrics
+    curve_mean = sum(metric.value for metric in history) / len(history)
+    assert metrics["train_loss"] == pytest.approx(curve_mean, rel=0.02)
+    last_attempt = json.loads((run_dir / "output" / "train_results.json").read_text())
+    assert last_attempt["train_loss"] < 0.9 * metrics["train_loss"]
+    assert metrics["train/steps_run"] > PLANNED_STEPS  # the steps after the checkpoint ran twice
+    assert metrics["train_runtime"] == metrics["train/loop_time_s"] > last_attempt["train_runtime"]
+    assert metrics["train_samples_per_second"] == pytest.approx(
+        406 / PLANNED_STEPS * metrics["train/steps_run"] / metrics["train/loop_time_s"], rel=0.01
+    )
     log = (run_dir / "logs" / "train.log").read_text()
     resumed_from = int(log.split("training attempt 2/3, resuming from checkpoint-")[1].split()[0].rstrip(","))
     assert 10 <= resumed_from <= killed["step"] and resumed_from % 10 == 0
@@ -255,3 +271,87 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(
     assert state["global_step"] == PLANNED_STEPS
     loss_steps = [step for key, _, step in logged if key == "loss"]
     assert loss_steps == list(range(2, PLANNED_STEPS, 2))  # steps 12..22 ran twice, logged once
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# run_training directly: a training that finished counts as finished
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def holds_evaluation(all_results: Path) -> bool:
+    """all_results.json is written after training and rewritten with the eval metrics: the trainer's last write."""
+    try:
+        return "eval_loss" in json.loads(all_results.read_text())
+    except (OSError, ValueError):  # not there yet, or caught mid-write
+        return False
+
+
+def kill_a_rank_once(ready: Callable[[], bool], marker: str, sig: signal.Signals) -> dict:
+    """From a thread: once `ready()`, send `sig` to a live rank of the torchrun whose argv names `marker`."""
+    killed: dict = {}
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not ready():
+            time.sleep(0.005)
+        try:
+            agent, ranks = torchrun_ranks(marker)
+        except LookupError as err:
+            killed["error"] = err
+            return
+        for victim in random.sample(ranks, len(ranks)):
+            try:
+                environ = Path(f"/proc/{victim}/environ").read_bytes().decode(errors="replace").split("\0")
+                rank = dict(item.split("=", 1) for item in environ if "=" in item).get("RANK")
+                os.kill(victim, sig)
+            except (ProcessLookupError, FileNotFoundError):  # that rank had already exited
+                continue
+            killed.update(pid=victim, rank=rank, agent=agent)
+            return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    killed["thread"] = thread
+    return killed
+
+
+def test_a_rank_crashing_after_the_final_outputs_leaves_a_finished_training(
+    tmp_path: Path, engine_python: Path, tiny_models: Path
+) -> None:
+    tiny = tiny_training(tmp_path, engine_python, tiny_models, SHORT_RUN)
+    config_file = write_config(tiny.config, tmp_path / "llamafactory.yaml")
+    output_dir = Path(tiny.config["output_dir"])
+    train = dict(
+        engine=tiny.pipeline.settings.engine,
+        launch=DistributedLaunch(nproc_per_node=2, master_port=free_port()),
+        config_file=config_file,
+        output_dir=output_dir,
+        device_env=launch_env("cpu"),
+        log_file=tmp_path / "train.log",
+        on_line=lambda line: None,
+        on_metrics=lambda metrics: None,
+        policy=RetryPolicy(max_attempts=1, retry_delay_s=1),  # the only attempt allowed: a retry would fail the test
+    )
+    # Once all_results.json holds the evaluation the ranks are shutting down, and one of them aborts.
+    killed = kill_a_rank_once(lambda: holds_evaluation(output_dir / "all_results.json"), str(config_file), signal.SIGABRT)
+    events: list[str] = []
+    result = run_training(**train, on_event=events.append)
+    killed["thread"].join(timeout=10)
+    assert "pid" in killed, f"no rank left to abort: {killed}"
+    (attempt,) = result.attempts
+    assert attempt.returncode != 0 and attempt.failure is None
+    assert attempt.exit_crash is not None and "SIGABRT" in attempt.exit_crash.evidence
+    assert any(f"rank {killed['rank']} (pid {killed['pid']}) was killed by SIGABRT" in e for e in events), events
+
+    # The task runs again (say its orchestrator died) after the adapter and the evaluation were lost: the final
+    # checkpoint is whole, so nothing trains again; the adapter comes from it and LLaMA-Factory evaluates it.
+    eval_loss = json.loads((output_dir / "eval_results.json").read_text())["eval_loss"]
+    for name in ("adapter_model.safetensors", "eval_results.json", "all_results.json"):
+        (output_dir / name).unlink()
+    events.clear()
+    again = run_training(**{**train, "launch": DistributedLaunch(nproc_per_node=2, master_port=free_port())},
+                         on_event=events.append)
+    assert again.attempts == [] and again.finished_from_checkpoint == output_dir / f"checkpoint-{PLANNED_STEPS}"
+    assert (output_dir / "adapter_model.safetensors").is_file()
+    assert json.loads((output_dir / "eval_results.json").read_text())["eval_loss"] == pytest.approx(eval_loss, rel=1e-3)
+    assert "training attempt" not in (tmp_path / "train.log").read_text().split("evaluating checkpoint-51")[-1]

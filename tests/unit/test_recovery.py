@@ -15,7 +15,7 @@ from npu_sft.engine import DistributedLaunch, EngineSettings
 from npu_sft.process import CompletedCommand
 from npu_sft.recovery import FailureKind, classify_failure
 from npu_sft.training import RetryPolicy, TrainingFailed, run_training
-from tests.unit.test_recovery_checkpoints import truncate, write_checkpoint, write_torch_archive
+from tests.unit.test_recovery_checkpoints import truncate, write_checkpoint, write_safetensors, write_torch_archive
 
 SITE = "/work/main/.npu-sft/engine/lib/python3.11/site-packages"
 
@@ -209,7 +209,35 @@ class ScriptedEngine:
             write_torch_archive(self.output_dir / f"checkpoint-{checkpoint}" / "rng_state_1.pth")
         for path in step.get("truncate", []):
             truncate(self.output_dir / path)
+        if step.get("final_outputs"):
+            write_final_outputs(self.output_dir, without=step.get("without", ()))
+        for name, content in step.get("files", {}).items():
+            (self.output_dir / name).write_text(json.dumps(content))
         return CompletedCommand(list(argv), step["returncode"], step.get("tail", []), log_file, 1.0)
+
+
+def write_final_outputs(output_dir: Path, without: Sequence[str] = ()) -> None:
+    """What LLaMA-Factory leaves in output_dir once a 51-step training and its evaluation are done."""
+    files = {
+        "trainer_state.json": {"global_step": 51, "max_steps": 51, "log_history": []},
+        "adapter_config.json": {"peft_type": "LORA", "r": 16},
+        "train_results.json": {"epoch": 1.0, "train_loss": 2.1, "train_runtime": 20.0},
+        "eval_results.json": {"epoch": 1.0, "eval_loss": 2.4},
+        "all_results.json": {"epoch": 1.0, "train_loss": 2.1, "eval_loss": 2.4},
+    }
+    for name, content in files.items():
+        if name not in without:
+            (output_dir / name).write_text(json.dumps(content))
+    if "adapter_model.safetensors" not in without:
+        write_safetensors(output_dir / "adapter_model.safetensors")
+
+
+# torchrun's report when rank 1 aborts while the processes shut down, after the work is done.
+SHUTDOWN_ABORT = [
+    "[rank1]: terminate called without an active exception",
+    *(line.replace("-9 (pid: 645)  (SIGKILL)", "-6 (pid: 645)  (SIGABRT)").replace("Signal 9 (SIGKILL)", "Signal 6 (SIGABRT)")
+      for line in RANK_KILLED[RANK_KILLED.index("llamafactory.launcher FAILED"):]),
+]
 
 
 @pytest.fixture
@@ -346,3 +374,87 @@ def test_a_node_without_the_shared_checkpoints_does_not_start_over(job: dict) ->
     with pytest.raises(TrainingFailed, match="node 1 holds no complete checkpoint"):
         run_training(**job, on_metrics=lambda m: None, run_command=engine, sleep=lambda s: None)
     assert len(engine.configs) == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A training that finished counts as finished
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def evaluating(job: dict, **extra: object) -> dict:
+    """The job with a config that evaluates after training (as the seed's and the demo's do)."""
+    config = {"output_dir": str(job["output_dir"]), "overwrite_output_dir": True, "eval_strategy": "steps", **extra}
+    job["config_file"].write_text(yaml.safe_dump(config))
+    return job
+
+
+def test_a_crash_after_the_final_outputs_counts_as_finished(job: dict) -> None:
+    engine = ScriptedEngine(job["output_dir"], [
+        {"returncode": 1, "tail": SHUTDOWN_ABORT, "steps": [2, 4, 6], "checkpoints": [51], "final_outputs": True},
+        {"returncode": 0},
+    ])
+    events: list[str] = []
+    result = run_training(**evaluating(job), on_metrics=lambda m: None, on_event=events.append, run_command=engine,
+                          policy=RetryPolicy(max_attempts=1))
+    assert len(engine.configs) == 1 and len(result.attempts) == 1
+    (attempt,) = result.attempts
+    assert attempt.failure is None and attempt.returncode == 1
+    assert attempt.exit_crash is not None and attempt.exit_crash.evidence == "rank 1 (pid 645) was killed by SIGABRT"
+    assert any("wrote all its final outputs" in e and "rank 1 (pid 645) was killed by SIGABRT" in e for e in events)
+
+
+@pytest.mark.parametrize("missing", ["eval_results.json", "adapter_model.safetensors", "all_results.json"])
+def test_a_crash_before_the_final_outputs_are_whole_is_retried(job: dict, missing: str) -> None:
+    engine = ScriptedEngine(job["output_dir"], [
+        {"returncode": 1, "tail": RANK_KILLED, "steps": [2, 4], "checkpoints": [2], "final_outputs": True,
+         "without": [missing]},
+        {"returncode": 0, "steps": [4, 6]},
+    ])
+    result = run_training(**evaluating(job), on_metrics=lambda m: None, run_command=engine, sleep=lambda s: None)
+    assert len(engine.configs) == 2 and result.attempts[0].failure is not None
+
+
+def test_a_final_checkpoint_present_starts_no_attempt(job: dict) -> None:
+    # The orchestrator died after the last checkpoint; the task runs again. Nothing is left to train: the adapter is
+    # taken from checkpoint-51, which is evaluated as the training would have done.
+    write_checkpoint(job["output_dir"], 51)
+    engine = ScriptedEngine(job["output_dir"], [
+        {"returncode": 0, "files": {"eval_results.json": {"eval_loss": 2.4}, "all_results.json": {"eval_loss": 2.4}}},
+    ])
+    events: list[str] = []
+    job = evaluating(job, deepspeed="ds_z2_config.json", resume_from_checkpoint="checkpoint-40")
+    result = run_training(**job, on_metrics=lambda m: None, on_event=events.append, run_command=engine)
+    assert result.attempts == [] and result.finished_from_checkpoint == job["output_dir"] / "checkpoint-51"
+    (evaluation,) = engine.configs
+    assert evaluation["do_train"] is False and evaluation["do_eval"] is True
+    assert evaluation["adapter_name_or_path"] == str(job["output_dir"] / "checkpoint-51")
+    assert "deepspeed" not in evaluation and "resume_from_checkpoint" not in evaluation
+    assert (job["output_dir"] / "adapter_model.safetensors").is_file()
+    assert json.loads((job["output_dir"] / "trainer_state.json").read_text())["global_step"] == 51
+    assert any("checkpoint-51 is the training's last step: nothing is left to train" in e for e in events), events
+
+
+def test_a_crash_after_the_last_checkpoint_evaluates_it_instead_of_training_again(job: dict) -> None:
+    engine = ScriptedEngine(job["output_dir"], [
+        {"returncode": 1, "tail": RANK_KILLED, "steps": [2, 4, 50], "checkpoints": [51]},
+        {"returncode": 0, "files": {"eval_results.json": {"eval_loss": 2.4}, "all_results.json": {"eval_loss": 2.4}}},
+    ])
+    # Even when that was the last attempt allowed, the finished training does not end FAILED.
+    result = run_training(**evaluating(job), on_metrics=lambda m: None, run_command=engine,
+                          policy=RetryPolicy(max_attempts=1))
+    assert len(engine.configs) == 2 and engine.configs[1]["do_train"] is False
+    assert len(result.attempts) == 1 and result.finished_from_checkpoint is not None
+
+
+def test_a_final_checkpoint_without_evaluation_runs_nothing(job: dict) -> None:
+    write_checkpoint(job["output_dir"], 51)
+    engine = ScriptedEngine(job["output_dir"], [])
+    result = run_training(**job, on_metrics=lambda m: None, run_command=engine)
+    assert engine.configs == [] and result.finished_from_checkpoint is not None
+
+
+def test_a_failed_evaluation_of_the_final_checkpoint_fails_the_training(job: dict) -> None:
+    write_checkpoint(job["output_dir"], 51)
+    engine = ScriptedEngine(job["output_dir"], [{"returncode": 1, "tail": NPU_OOM}])
+    with pytest.raises(TrainingFailed, match="evaluating the final checkpoint-51 failed"):
+        run_training(**evaluating(job), on_metrics=lambda m: None, run_command=engine)
