@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# As `npu-sft` does: with telemetry on, every fresh PREFECT_HOME (one per test) races its heartbeat against the first
+# migration of the local server's SQLite database ("database is locked"). Inherited by the CLIs the tests start.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 ENGINE_PYTHON = REPO / ".npu-sft" / "engine" / "bin" / "python"
 
 
