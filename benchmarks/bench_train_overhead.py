@@ -30,13 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from npu_sft import tracking
 from npu_sft.datasets import prepare_datasets
 from npu_sft.engine import DistributedLaunch, EngineSettings, bare_train_command
 from npu_sft.llamafactory_config import resolve_train_config, write_config
 from npu_sft.settings import MlflowSettings, load_pipeline
 from npu_sft.tiny_model import ensure_tiny_model, tokenizer_file
-from npu_sft.training import RetryPolicy, launch_env, mlflow_metric_sink, run_training
+from npu_sft.tracking import RunTracker
+from npu_sft.training import RetryPolicy, launch_env, run_training
 from npu_sft.training_figures import run_figures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def run_pipeline_path(
         artifact_location=str(work / "mlruns" / "artifacts"),
         experiment="bench-train-overhead",
     )
-    run_id = tracking.start_run(mlflow, run_name=f"pipeline-{index}", tags={})
+    tracker = RunTracker.start(mlflow, run_name=f"pipeline-{index}", tags={})
     logger = logging.getLogger(f"bench.pipeline.{index}")
     logger.propagate = False
     handler = logging.FileHandler(work / f"pipeline-{index}.task.log")
@@ -103,7 +103,7 @@ def run_pipeline_path(
             log_file=work / f"pipeline-{index}.train.log",
             on_line=logger.info,
             on_event=logger.warning,
-            on_metrics=mlflow_metric_sink(mlflow, run_id),
+            on_metrics=tracker.log_metrics,
             policy=RetryPolicy(max_attempts=1),
         )
     finally:
@@ -115,7 +115,7 @@ def run_pipeline_path(
     own_cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     print(f"  orchestrator CPU: {own_cpu_s:.1f} s over {elapsed:.0f} s ({own_cpu_s / elapsed:.1%} of one core)")
     figures, _ = run_figures(result, world_size=2)
-    tracking.finish_run(mlflow, run_id, succeeded=True)
+    tracker.finish(succeeded=True)
     shown = ", ".join(f"{key.removeprefix('train/')} {value:.4g}" for key, value in figures.items())
     print(f"  pipeline figures: {shown}")
     return elapsed, figures.get("train/loop_time_s", 0.0)

@@ -12,7 +12,6 @@ from prefect import flow
 
 from npu_sft.settings import load_pipeline
 from npu_sft.tiny_model import tokenizer_file
-from npu_sft.tracking import client_for
 from tasks.evaluate import evaluate
 from tasks.model import fetch_model
 from tasks.prepare import download_datasets_task, prepare_datasets_task
@@ -38,18 +37,14 @@ def sft(config: str, overrides: list[str] | None = None) -> SftResult:
     run = start_tracking(pipeline)
     try:
         model_path = fetch_model(pipeline, run)
-        mlflow_client = client_for(run.mlflow)
-        data_sources = download_datasets_task(
-            pipeline.data_settings(), pipeline.hub_source, mlflow_client, run.mlflow_run_id
-        )
+        data_sources = download_datasets_task(pipeline.data_settings(), pipeline.hub_source, run)
         data = prepare_datasets_task(
             data_sources,
             val_size=pipeline.val_size,
             cutoff_len=pipeline.cutoff_len,
             tokenizer_file=tokenizer_file(model_path),
             out_root=pipeline.state_dir / "datasets",
-            mlflow_client=mlflow_client,
-            mlflow_run_id=run.mlflow_run_id,
+            run=run,
         )
         trained = train(pipeline, run, model_path, data)
         metrics = {**trained.figures, **evaluate(run, trained)}

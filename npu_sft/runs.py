@@ -1,19 +1,23 @@
-"""One pipeline run: its MLflow run and its own working directory (engine config, outputs, logs)."""
+"""One pipeline run: its MLflow run (through its tracker) and its own working directory (engine config, outputs,
+logs)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from npu_sft.settings import MlflowSettings
+from npu_sft.tracking import RunTracker
 
 
 @dataclass(frozen=True)
 class RunContext:
-    mlflow_run_id: str
+    tracker: RunTracker
     run_dir: Path
-    mlflow: MlflowSettings
     flow_run_id: str | None = None
+
+    @property
+    def mlflow_run_id(self) -> str:
+        return self.tracker.run_id
 
     @property
     def output_dir(self) -> Path:

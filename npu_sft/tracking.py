@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
@@ -37,72 +40,101 @@ def artifact_location(settings: MlflowSettings) -> str | None:
 
 
 def client_for(settings: MlflowSettings) -> MlflowClient:
-    uri = tracking_uri(settings)
+    """One client per tracking store for the whole process (the registry lives in the same store)."""
+    return _client(tracking_uri(settings))
+
+
+@functools.lru_cache(maxsize=8)
+def _client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def start_run(settings: MlflowSettings, run_name: str, tags: Mapping[str, str]) -> str:
-    client = client_for(settings)
+def _experiment_id(client: MlflowClient, settings: MlflowSettings) -> str:
     experiment = client.get_experiment_by_name(settings.experiment)
-    if experiment is None:
-        try:
-            experiment_id = client.create_experiment(settings.experiment, artifact_location=artifact_location(settings))
-        except MlflowException as err:
-            # Another pipeline run created it between our lookup and create.
-            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-                raise
-            experiment_id = client.get_experiment_by_name(settings.experiment).experiment_id
-    else:
-        experiment_id = experiment.experiment_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
-    return run.info.run_id
-
-
-def log_params(settings: MlflowSettings, run_id: str, params: Mapping[str, str]) -> None:
-    client = client_for(settings)
-    items = [Param(key, value) for key, value in params.items()]
-    for start in range(0, len(items), MLFLOW_BATCH_LIMIT):
-        client.log_batch(run_id, params=items[start : start + MLFLOW_BATCH_LIMIT])
-
-
-def log_metrics(settings: MlflowSettings, run_id: str, metrics: Iterable[tuple[str, float, int]]) -> None:
-    """(key, value, step) triples; non-finite values are skipped because MLflow's UI cannot plot them."""
-    now = int(time.time() * 1000)
-    items = [Metric(key, float(value), now, step) for key, value, step in metrics if math.isfinite(float(value))]
-    client = client_for(settings)
-    for start in range(0, len(items), MLFLOW_BATCH_LIMIT):
-        client.log_batch(run_id, metrics=items[start : start + MLFLOW_BATCH_LIMIT])
-
-
-def set_tags(settings: MlflowSettings, run_id: str, tags: Mapping[str, str]) -> None:
-    client = client_for(settings)
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
-
-
-def log_artifact(settings: MlflowSettings, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-    client = client_for(settings)
-    if path.is_dir():
-        client.log_artifacts(run_id, str(path), artifact_path)
-    else:
-        client.log_artifact(run_id, str(path), artifact_path)
-
-
-def finish_run(settings: MlflowSettings, run_id: str, succeeded: bool) -> None:
-    status = RunStatus.to_string(RunStatus.FINISHED if succeeded else RunStatus.FAILED)
-    client_for(settings).set_terminated(run_id, status=status)
-
-
-def register_artifact(settings: MlflowSettings, run_id: str, artifact_path: str, model_name: str) -> str:
-    """A new version of `model_name` whose files are the run's `artifact_path`. Returns the version number."""
-    client = client_for(settings)
+    if experiment is not None:
+        return experiment.experiment_id
     try:
-        client.create_registered_model(model_name)
+        return client.create_experiment(settings.experiment, artifact_location=artifact_location(settings))
     except MlflowException as err:
+        # Another pipeline run created it between our lookup and create.
         if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
-    run = client.get_run(run_id)
-    version = client.create_model_version(
-        model_name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id
-    )
-    return str(version.version)
+        return client.get_experiment_by_name(settings.experiment).experiment_id
+
+
+@dataclass(frozen=True)
+class RunTracker:
+    """The pipeline run's MLflow run, and everything the stages record in it (a `RunRecorder`).
+
+    Plain data (settings and run id), so tasks can take it as a parameter and Prefect can hash it; the client comes
+    from the process-wide one for the store.
+
+        tracker = RunTracker.start(settings.mlflow, run_name="tiny-cpu-crazy-capybara", tags={...})
+        tracker.log_metrics([("eval_loss", 2.81, 0)])
+        tracker.finish(succeeded=True)
+    """
+
+    settings: MlflowSettings
+    run_id: str
+
+    @classmethod
+    def start(cls, settings: MlflowSettings, run_name: str, tags: Mapping[str, str]) -> RunTracker:
+        client = client_for(settings)
+        run = client.create_run(_experiment_id(client, settings), run_name=run_name, tags=dict(tags))
+        return cls(settings, run.info.run_id)
+
+    @property
+    def client(self) -> MlflowClient:
+        return client_for(self.settings)
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        items = [Param(key, value) for key, value in params.items()]
+        for start in range(0, len(items), MLFLOW_BATCH_LIMIT):
+            self.client.log_batch(self.run_id, params=items[start : start + MLFLOW_BATCH_LIMIT])
+
+    def log_metrics(self, metrics: Iterable[tuple[str, float, int]]) -> None:
+        """(key, value, step) triples; non-finite values are skipped because MLflow's UI cannot plot them."""
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(value), now, step) for key, value, step in metrics if math.isfinite(float(value))]
+        for start in range(0, len(items), MLFLOW_BATCH_LIMIT):
+            self.client.log_batch(self.run_id, metrics=items[start : start + MLFLOW_BATCH_LIMIT])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        items = [RunTag(key, value) for key, value in tags.items()]
+        for start in range(0, len(items), MLFLOW_BATCH_LIMIT):
+            self.client.log_batch(self.run_id, tags=items[start : start + MLFLOW_BATCH_LIMIT])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, document: Mapping[str, Any], artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, dict(document), artifact_file)
+
+    def logged_steps(self, keys: Iterable[str]) -> dict[str, int]:
+        """The newest step of each of `keys` the run already holds (from an earlier run of the same task)."""
+        logged: dict[str, int] = {}
+        for key in keys:
+            history = self.client.get_metric_history(self.run_id, key)
+            if history:
+                logged[key] = max(metric.step for metric in history)
+        return logged
+
+    def register_artifact(self, artifact_path: str, model_name: str) -> str:
+        """A new version of `model_name` whose files are the run's `artifact_path`. Returns the version number."""
+        try:
+            self.client.create_registered_model(model_name)
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        run = self.client.get_run(self.run_id)
+        version = self.client.create_model_version(
+            model_name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=self.run_id
+        )
+        return str(version.version)
+
+    def finish(self, succeeded: bool) -> None:
+        status = RunStatus.to_string(RunStatus.FINISHED if succeeded else RunStatus.FAILED)
+        self.client.set_terminated(self.run_id, status=status)

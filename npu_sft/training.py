@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from npu_sft import process, tracking
+from npu_sft import process
 from npu_sft.completion import (
     evaluation_config,
     expects_evaluation,
@@ -37,6 +37,7 @@ from npu_sft.completion import (
 )
 from npu_sft.devices import DeviceError
 from npu_sft.engine import DistributedLaunch, EngineCommand, EngineSettings, torchrun_train_command
+from npu_sft.recording import Metric
 from npu_sft.recovery import (
     CheckpointCheck,
     DeviceProbe,
@@ -49,7 +50,7 @@ from npu_sft.recovery import (
     set_aside,
     wait_for_idle_devices,
 )
-from npu_sft.settings import MlflowSettings, TrainingSettings
+from npu_sft.settings import TrainingSettings
 
 TRAINER_LOG = "trainer_log.jsonl"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -61,8 +62,8 @@ DEVICE_MEMORY_METRIC_NAMES = {
     "vram_allocated": "peak_device_memory_allocated_gb",
     "vram_reserved": "peak_device_memory_reserved_gb",
 }
-
-Metric = tuple[str, float, int]  # (MLflow key, value, step)
+# Every key `step_metrics` can produce: what a re-run of the train task asks the run for, to log no step twice.
+STEP_METRIC_KEYS = (*STEP_METRIC_NAMES.values(), *DEVICE_MEMORY_METRIC_NAMES.values())
 
 
 class CommandRunner(Protocol):
@@ -137,26 +138,6 @@ class StepLedger:
             self._last[key] = step
             kept.append((key, value, step))
         return kept
-
-
-def mlflow_metric_sink(settings: MlflowSettings, run_id: str) -> Callable[[list[Metric]], None]:
-    """`on_metrics` for run_training: each batch of new step metrics into the run's MLflow run."""
-
-    def log(metrics: list[Metric]) -> None:
-        tracking.log_metrics(settings, run_id, metrics)
-
-    return log
-
-
-def mlflow_logged_steps(settings: MlflowSettings, run_id: str) -> dict[str, int]:
-    """The newest step of each step metric the MLflow run already holds (from an earlier run of the train task)."""
-    client = tracking.client_for(settings)
-    logged: dict[str, int] = {}
-    for key in [*STEP_METRIC_NAMES.values(), *DEVICE_MEMORY_METRIC_NAMES.values()]:
-        history = client.get_metric_history(run_id, key)
-        if history:
-            logged[key] = max(metric.step for metric in history)
-    return logged
 
 
 # --------------------------------------------------------------------------------------------------------------------

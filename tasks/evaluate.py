@@ -4,7 +4,6 @@ import math
 
 from prefect import get_run_logger, task
 
-from npu_sft import tracking
 from npu_sft.runs import RunContext
 from npu_sft.training import read_results
 from tasks.train import Trained
@@ -19,6 +18,6 @@ def evaluate(run: RunContext, trained: Trained) -> dict[str, float]:
     # train_loss, train_runtime and the rates there describe the last attempt alone; the train task has logged the
     # whole training's.
     evaluation = {key: value for key, value in results.items() if not key.startswith("train_")}
-    tracking.log_metrics(run.mlflow, run.mlflow_run_id, [(key, value, 0) for key, value in evaluation.items()])
+    run.tracker.log_metrics((key, value, 0) for key, value in evaluation.items())
     get_run_logger().info("eval_loss %.4f, perplexity %.2f", results["eval_loss"], results["perplexity"])
     return evaluation

@@ -4,7 +4,6 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from npu_sft import tracking
 from npu_sft.download import log_manifest
 from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline, TinyModelSource
@@ -26,8 +25,8 @@ def fetch_model(pipeline: Pipeline, run: RunContext) -> Path:
     source = pipeline.settings.model
     if isinstance(source, TinyModelSource):
         model_dir = make_tiny_model(pipeline, source)
-        tracking.set_tags(run.mlflow, run.mlflow_run_id, {"model.source": "tiny", "model.path": str(model_dir)})
+        run.tracker.set_tags({"model.source": "tiny", "model.path": str(model_dir)})
         return model_dir
     downloaded = download_model_task(source)
-    log_manifest(tracking.client_for(run.mlflow), run.mlflow_run_id, downloaded)
+    log_manifest(run.tracker, downloaded)
     return downloaded.path

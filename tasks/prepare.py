@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -12,28 +11,24 @@ from prefect.cache_policies import NO_CACHE
 from npu_sft.datasets import DataSettings, PreparedData, log_dataset_stats, prepare_datasets, stats_table_rows
 from npu_sft.download import ModelSource, log_manifest
 from npu_sft.download.datasets import with_downloaded_datasets
-
-if TYPE_CHECKING:
-    from mlflow import MlflowClient  # noqa: TC004 (Prefect resolves the annotations of task parameters)
+from npu_sft.runs import RunContext
 
 STATS_ARTIFACT_KEY = "dataset-stats"
 
 
 @task(name="download-datasets", cache_policy=NO_CACHE)
-def download_datasets_task(
-    settings: DataSettings, model: ModelSource | None, mlflow_client: MlflowClient, mlflow_run_id: str
-) -> DataSettings:
+def download_datasets_task(settings: DataSettings, model: ModelSource | None, run: RunContext) -> DataSettings:
     """ModelScope dataset repositories, through the same pinned, cached, verified path as models; each one's
     manifest goes into the run, so it says exactly which data it trained on."""
     resolved, downloads = with_downloaded_datasets(settings, model)
     for name, downloaded in downloads:
         get_run_logger().info("dataset %s: %s @ %s in %s", name, downloaded.model_id, downloaded.resolved_revision, downloaded.path)
-        log_manifest(mlflow_client, mlflow_run_id, downloaded, prefix=f"dataset.{name}")
+        log_manifest(run.tracker, downloaded, prefix=f"dataset.{name}")
     return resolved
 
 
-# NO_CACHE: the prepared directory is already content-addressed (a re-run is a cache hit there), and Prefect
-# cannot hash an MlflowClient argument anyway.
+# NO_CACHE: the prepared directory is already content-addressed (a re-run is a cache hit there), and the task records
+# the statistics in the run, which a Prefect cache hit would skip.
 @task(name="prepare-datasets", cache_policy=NO_CACHE)
 def prepare_datasets_task(
     settings: DataSettings,
@@ -42,8 +37,7 @@ def prepare_datasets_task(
     cutoff_len: int,
     tokenizer_file: Path | None,
     out_root: Path,
-    mlflow_client: MlflowClient | None = None,
-    mlflow_run_id: str | None = None,
+    run: RunContext | None = None,
 ) -> PreparedData:
     """Validate, dedup, split and measure the data before any device is taken; fails on too many rejects."""
     logger = get_run_logger()
@@ -65,8 +59,8 @@ def prepare_datasets_task(
         key=STATS_ARTIFACT_KEY,
         description=_artifact_description(prepared),
     )
-    if mlflow_client is not None and mlflow_run_id is not None:
-        log_dataset_stats(mlflow_client, mlflow_run_id, prepared)
+    if run is not None:
+        log_dataset_stats(run.tracker, prepared)
     return prepared
 
 

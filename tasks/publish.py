@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from npu_sft import tracking
 from npu_sft.runs import RunContext
 from npu_sft.settings import PublishSettings
 from npu_sft.training import collect_adapter
@@ -15,9 +14,9 @@ ADAPTER_ARTIFACT = "adapter"
 def publish(run: RunContext, trained: Trained, settings: PublishSettings) -> str | None:
     """Log the adapter to the run and register it as a new version in the MLflow Model Registry."""
     adapter_dir = collect_adapter(trained.output_dir, run.run_dir / ADAPTER_ARTIFACT)
-    tracking.log_artifact(run.mlflow, run.mlflow_run_id, adapter_dir, ADAPTER_ARTIFACT)
+    run.tracker.log_artifact(adapter_dir, ADAPTER_ARTIFACT)
     if not settings.enabled:
         return None
-    version = tracking.register_artifact(run.mlflow, run.mlflow_run_id, ADAPTER_ARTIFACT, settings.registered_model)
+    version = run.tracker.register_artifact(ADAPTER_ARTIFACT, settings.registered_model)
     get_run_logger().info("registered %s version %s", settings.registered_model, version)
     return version

@@ -4,7 +4,6 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from npu_sft import tracking
 from npu_sft.devices import lease_devices
 from npu_sft.runs import RunContext
 from npu_sft.serving import smoke_test
@@ -28,9 +27,7 @@ def serve_smoke_test(pipeline: Pipeline, run: RunContext, model_path: Path, trai
             port=lease.master_port,
             log_file=run.logs_dir / "serve.log",
         )
-    tracking.log_metrics(
-        run.mlflow, run.mlflow_run_id, [("serve_startup_s", result.startup_s, 0), ("serve_latency_s", result.latency_s, 0)]
-    )
-    tracking.set_tags(run.mlflow, run.mlflow_run_id, {"serve.reply": result.reply[:5000]})
+    run.tracker.log_metrics([("serve_startup_s", result.startup_s, 0), ("serve_latency_s", result.latency_s, 0)])
+    run.tracker.set_tags({"serve.reply": result.reply[:5000]})
     logger.info("served reply: %r", result.reply)
     return result.reply

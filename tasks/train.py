@@ -6,7 +6,6 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from npu_sft import tracking
 from npu_sft.datasets import PreparedData
 from npu_sft.devices import lease_devices, processes_on_devices
 from npu_sft.engine import DistributedLaunch
@@ -14,11 +13,10 @@ from npu_sft.llamafactory_config import resolve_train_config, write_config
 from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline
 from npu_sft.training import (
+    STEP_METRIC_KEYS,
     RetryPolicy,
     TrainingFailed,
     launch_env,
-    mlflow_logged_steps,
-    mlflow_metric_sink,
     run_training,
 )
 from npu_sft.training_figures import estimated_train_tokens_per_epoch, run_figures
@@ -47,7 +45,7 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
         output_dir=run.output_dir,
     )
     config_file = write_config(config, run.run_dir / "llamafactory.yaml")
-    tracking.log_artifact(run.mlflow, run.mlflow_run_id, config_file, "config")
+    run.tracker.log_artifact(config_file, "config")
     progress_id = create_progress_artifact(0.0, key=None, description="training progress (percent of steps)")
     log_file = run.logs_dir / "train.log"
 
@@ -70,26 +68,24 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
                 log_file=log_file,
                 on_line=logger.info,
                 on_event=logger.warning,
-                on_metrics=mlflow_metric_sink(run.mlflow, run.mlflow_run_id),
+                on_metrics=run.tracker.log_metrics,
                 on_progress=lambda percent: update_progress_artifact(progress_id, percent),
                 policy=RetryPolicy.from_settings(settings.training),
                 device_ids=lease.ids,
                 device_probe=processes_on_devices if lease.kind == "npu" else None,
-                logged_steps=mlflow_logged_steps(run.mlflow, run.mlflow_run_id),
+                logged_steps=run.tracker.logged_steps(STEP_METRIC_KEYS),
             )
         except TrainingFailed as failed:
-            tracking.set_tags(
-                run.mlflow,
-                run.mlflow_run_id,
-                {"train/failure": failed.failure.kind.value, "train/failure_evidence": failed.failure.evidence[:500]},
+            run.tracker.set_tags(
+                {"train/failure": failed.failure.kind.value, "train/failure_evidence": failed.failure.evidence[:500]}
             )
-            tracking.log_metrics(run.mlflow, run.mlflow_run_id, [("train/attempts", len(failed.attempts), 0)])
-            tracking.log_artifact(run.mlflow, run.mlflow_run_id, log_file, "logs")
+            run.tracker.log_metrics([("train/attempts", len(failed.attempts), 0)])
+            run.tracker.log_artifact(log_file, "logs")
             raise
     update_progress_artifact(progress_id, 100.0)
-    tracking.log_artifact(run.mlflow, run.mlflow_run_id, result.log_file, "logs")
+    run.tracker.log_artifact(result.log_file, "logs")
     for plot in sorted(run.output_dir.glob("training_*.png")):
-        tracking.log_artifact(run.mlflow, run.mlflow_run_id, plot, "plots")
+        run.tracker.log_artifact(plot, "plots")
     tokens = data.stats.tokens
     figures, sources = run_figures(
         result,
@@ -98,17 +94,22 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
             data.stats.train, tokens.mean if tokens is not None else None, pipeline.cutoff_len
         ),
     )
-    tracking.log_metrics(run.mlflow, run.mlflow_run_id, [(key, value, 0) for key, value in figures.items()])
+    run.tracker.log_metrics((key, value, 0) for key, value in figures.items())
     outcome = {}
     if result.finished_from_checkpoint is not None:
         outcome["train/finished_from_checkpoint"] = result.finished_from_checkpoint.name
     if exit_crashes := [attempt.exit_crash.evidence for attempt in result.attempts if attempt.exit_crash]:
         outcome["train/exit_crash_after_finishing"] = exit_crashes[-1][:500]
-    tracking.set_tags(run.mlflow, run.mlflow_run_id, {**sources, **outcome})
+    run.tracker.set_tags({**sources, **outcome})
     logger.info(
         "trained in %d attempt(s), %.0f s: %s",
         len(result.attempts),
         result.wall_time_s,
-        ", ".join(f"{key.removeprefix('train/')} {value:.4g}" for key, value in figures.items()),
+        # train_runtime and the train_*_per_second rates repeat train/ figures under transformers' names.
+        ", ".join(
+            f"{key.removeprefix('train/')} {value:.4g}"
+            for key, value in figures.items()
+            if key.startswith("train/") or key == "train_loss"
+        ),
     )
     return Trained(run.output_dir, config_file, result.wall_time_s, figures)

@@ -1,17 +1,15 @@
-"""Recording dataset statistics in the pipeline's MLflow run."""
+"""Recording dataset statistics in the pipeline's run (MLflow, through the `RunRecorder` the pipeline passes)."""
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 from npu_sft.datasets.output import DATASET_INFO_FILE, STATS_FILE
 from npu_sft.datasets.stats import DatasetStats, LengthStats
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
-
     from npu_sft.datasets.prepare import PreparedData
+    from npu_sft.recording import RunRecorder
 
 ARTIFACT_DIR = "datasets"
 
@@ -52,19 +50,12 @@ def _length_metrics(prefix: str, lengths: LengthStats | None) -> dict[str, float
     return {f"{prefix}_{name}": float(getattr(lengths, name)) for name in ("min", "mean", "p50", "p90", "p99", "max")}
 
 
-def log_dataset_stats(client: MlflowClient, run_id: str, prepared: PreparedData) -> None:
+def log_dataset_stats(recorder: RunRecorder, prepared: PreparedData) -> None:
     """Metrics, tags, and the stats JSON, rejects file and registration as artifacts under `datasets/`."""
-    # Imported here: mlflow takes seconds to import and only this function needs it.
-    from mlflow.entities import Metric, RunTag
-
-    now_ms = int(time.time() * 1000)
-    metrics = [Metric(name, value, now_ms, 0) for name, value in dataset_metrics(prepared.stats).items()]
+    recorder.log_metrics((name, value, 0) for name, value in dataset_metrics(prepared.stats).items())
     # Tags rather than params: params are write-once, and a resumed run may prepare again.
-    tags = [
-        RunTag("data.key", prepared.stats.key),
-        RunTag("data.dir", str(prepared.dir)),
-        RunTag("data.cache_hit", str(prepared.cache_hit).lower()),
-    ]
-    client.log_batch(run_id, metrics=metrics, tags=tags)
+    recorder.set_tags(
+        {"data.key": prepared.stats.key, "data.dir": str(prepared.dir), "data.cache_hit": str(prepared.cache_hit).lower()}
+    )
     for path in (prepared.dir / STATS_FILE, prepared.rejects_path, prepared.dir / DATASET_INFO_FILE):
-        client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_DIR)
+        recorder.log_artifact(path, ARTIFACT_DIR)

@@ -3,7 +3,7 @@
 from npu_sft.download import ModelSource, download_model, log_manifest
 
 downloaded = download_model(ModelSource(source="modelscope", id="qwen/Qwen1.5-7B", revision="<commit id>"))
-log_manifest(mlflow_client, run_id, downloaded)
+log_manifest(run.tracker, downloaded)
 """
 
 from npu_sft.download.core import DownloadedModel, download_model, find_cached_download, use_local_directory

@@ -1,4 +1,5 @@
-"""The download's manifest in MLflow: tags to filter runs by model and commit, the file list as an artifact."""
+"""The download's manifest in the pipeline's run: tags to filter runs by model and commit, the file list as an
+artifact (MLflow, through the `RunRecorder` the pipeline passes)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import TYPE_CHECKING
 from npu_sft.download.core import DownloadedModel
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
+    from npu_sft.recording import RunRecorder
 
 
 def manifest_tags(downloaded: DownloadedModel, prefix: str | None = None) -> dict[str, str]:
@@ -23,12 +24,8 @@ def manifest_tags(downloaded: DownloadedModel, prefix: str | None = None) -> dic
     }
 
 
-def log_manifest(client: MlflowClient, run_id: str, downloaded: DownloadedModel, prefix: str | None = None) -> None:
+def log_manifest(recorder: RunRecorder, downloaded: DownloadedModel, prefix: str | None = None) -> None:
     """Tags on the run and `<prefix>_manifest.json` (`model_manifest.json` for a model) as an artifact."""
-    # Imported here: mlflow takes seconds to import and the download itself does not need it.
-    from mlflow.entities import RunTag
-
     prefix = prefix or downloaded.repo_type
-    tags = [RunTag(key, value) for key, value in manifest_tags(downloaded, prefix).items()]
-    client.log_batch(run_id, tags=tags)
-    client.log_dict(run_id, downloaded.manifest_document(), f"{prefix}_manifest.json")
+    recorder.set_tags(manifest_tags(downloaded, prefix))
+    recorder.log_dict(downloaded.manifest_document(), f"{prefix}_manifest.json")

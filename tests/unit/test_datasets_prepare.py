@@ -276,19 +276,22 @@ def test_report_shows_location_counts_rejects_and_warnings(tmp_path: Path, token
 
 
 def test_log_dataset_stats_to_mlflow(tmp_path: Path, tokenizer_file: Path) -> None:
-    import mlflow
+    from npu_sft.settings import MlflowSettings
+    from npu_sft.tracking import RunTracker
 
     prepared = prepare(tmp_path / "out", "identity,tiny_alpaca", tokenizer=tokenizer_file)
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.create_experiment("data", artifact_location=(tmp_path / "artifacts").as_uri())
-    run = client.create_run(experiment)
-    log_dataset_stats(client, run.info.run_id, prepared)
-    logged = client.get_run(run.info.run_id).data
+    settings = MlflowSettings(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_location=str(tmp_path / "artifacts"), experiment="data"
+    )
+    tracker = RunTracker.start(settings, run_name="data", tags={})
+    log_dataset_stats(tracker, prepared)
+    client, run_id = tracker.client, tracker.run_id
+    logged = client.get_run(run_id).data
     assert logged.metrics["data.train_rows"] == prepared.stats.train
     assert logged.metrics["data.identity.total_rows"] == 52
     assert logged.metrics["data.tokens_p99"] == prepared.stats.tokens.p99
     assert logged.tags["data.key"] == prepared.stats.key
-    artifacts = {item.path for item in client.list_artifacts(run.info.run_id, "datasets")}
+    artifacts = {item.path for item in client.list_artifacts(run_id, "datasets")}
     assert artifacts == {"datasets/stats.json", "datasets/rejects.jsonl", "datasets/dataset_info.json"}
 
 

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from npu_sft import registry, tracking
+from npu_sft import registry
 from npu_sft.api_service import API_KEY_VAR, check_api_key, check_port_free
 from npu_sft.registry import RegistryError
 from npu_sft.serving import ServeError
 from npu_sft.settings import MlflowSettings
+from npu_sft.tracking import RunTracker, client_for
 
 MODEL = "tiny-qwen2-lora"
 
@@ -28,9 +29,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> MlflowSettings:
         adapter.mkdir()
         (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
         (adapter / "adapter_model.safetensors").write_bytes(weights)
-        run_id = tracking.start_run(settings, run_name="r", tags={})
-        tracking.log_artifact(settings, run_id, adapter, "adapter")
-        tracking.register_artifact(settings, run_id, "adapter", MODEL)
+        tracker = RunTracker.start(settings, run_name="r", tags={})
+        tracker.log_artifact(adapter, "adapter")
+        tracker.register_artifact("adapter", MODEL)
     return settings
 
 
@@ -58,7 +59,7 @@ def test_download_puts_the_versions_adapter_in_place_once(store: MlflowSettings,
 
 def test_tagging_a_version(store: MlflowSettings) -> None:
     registry.tag_version(store, MODEL, "2", "npu_sft.smoke_reply", "hello")
-    version = tracking.client_for(store).get_model_version(MODEL, "2")
+    version = client_for(store).get_model_version(MODEL, "2")
     assert version.tags["npu_sft.smoke_reply"] == "hello"
 
 

@@ -149,14 +149,17 @@ def test_network_errors_are_retried_by_the_task(prefect_server: None, hub: HubSt
 
 
 def test_log_manifest_records_tags_and_the_manifest_artifact(hub: HubStandIn, tmp_path: Path):
-    from mlflow import MlflowClient
+    from npu_sft.settings import MlflowSettings
+    from npu_sft.tracking import RunTracker
 
     downloaded = download_model(source(hub, tmp_path / "cache"), console_progress=False)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.create_experiment("sft", artifact_location=(tmp_path / "artifacts").as_uri())
-    run_id = client.create_run(experiment).info.run_id
+    settings = MlflowSettings(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_location=str(tmp_path / "artifacts"), experiment="sft"
+    )
+    tracker = RunTracker.start(settings, run_name="download", tags={})
+    client, run_id = tracker.client, tracker.run_id
 
-    log_manifest(client, run_id, downloaded)
+    log_manifest(tracker, downloaded)
 
     tags = client.get_run(run_id).data.tags
     assert tags["model.id"] == MODEL_ID
