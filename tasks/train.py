@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
+from uuid import UUID
+
+import httpx
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -12,6 +17,7 @@ from npu_sft.engine import DistributedLaunch
 from npu_sft.llamafactory_config import resolve_train_config, write_config
 from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline
+from npu_sft.tracking import StepMetricSink
 from npu_sft.training import (
     STEP_METRIC_KEYS,
     RetryPolicy,
@@ -30,6 +36,24 @@ class Trained:
     figures: dict[str, float]  # the whole training's, across its attempts (train_loss, train/samples_per_s, ...)
 
 
+class ProgressReporter:
+    """`on_progress` for the follower: an API error stops the progress updates (said once), never the follower."""
+
+    def __init__(self, artifact_id: UUID, on_warning: Callable[[str], None]):
+        self._artifact_id = artifact_id
+        self._warn = on_warning
+        self._broken = False
+
+    def __call__(self, percent: float) -> None:
+        if self._broken:
+            return
+        try:
+            update_progress_artifact(self._artifact_id, percent)
+        except httpx.HTTPError as err:
+            self._broken = True
+            self._warn(f"training progress artifact not updated any more: {err}")
+
+
 @task
 def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedData) -> Trained:
     """LoRA SFT under torchrun on the devices this task leases; every logged step goes to MLflow as it happens.
@@ -46,7 +70,8 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
     )
     config_file = write_config(config, run.run_dir / "llamafactory.yaml")
     run.tracker.log_artifact(config_file, "config")
-    progress_id = create_progress_artifact(0.0, key=None, description="training progress (percent of steps)")
+    # Typed as "UUID or coroutine" because of Prefect's sync/async dispatch; called from sync code it is a UUID.
+    progress_id = cast(UUID, create_progress_artifact(0.0, key=None, description="training progress (percent of steps)"))
     log_file = run.logs_dir / "train.log"
 
     with lease_devices(settings.devices, task="train", flow_run_id=run.flow_run_id, on_wait=logger.info) as lease:
@@ -58,6 +83,8 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
             node_rank=settings.training.node_rank,
             master_addr=settings.training.master_addr,
         )
+        metrics = StepMetricSink(run.tracker, on_warning=logger.warning)
+        progress = ProgressReporter(progress_id, on_warning=logger.warning)
         try:
             result = run_training(
                 settings.engine,
@@ -68,8 +95,8 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
                 log_file=log_file,
                 on_line=logger.info,
                 on_event=logger.warning,
-                on_metrics=run.tracker.log_metrics,
-                on_progress=lambda percent: update_progress_artifact(progress_id, percent),
+                on_metrics=metrics,
+                on_progress=progress,
                 policy=RetryPolicy.from_settings(settings.training),
                 device_ids=lease.ids,
                 device_probe=processes_on_devices if lease.kind == "npu" else None,
@@ -82,7 +109,9 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
             run.tracker.log_metrics([("train/attempts", len(failed.attempts), 0)])
             run.tracker.log_artifact(log_file, "logs")
             raise
-    update_progress_artifact(progress_id, 100.0)
+        finally:
+            metrics.flush()
+    progress(100.0)
     run.tracker.log_artifact(result.log_file, "logs")
     for plot in sorted(run.output_dir.glob("training_*.png")):
         run.tracker.log_artifact(plot, "plots")
