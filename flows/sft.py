@@ -17,7 +17,7 @@ from tasks.model import fetch_model
 from tasks.prepare import download_datasets_task, prepare_datasets_task
 from tasks.publish import publish
 from tasks.serve import serve_smoke_test
-from tasks.tracking import finish_tracking, start_tracking
+from tasks.tracking import TRACKING_HOOKS, start_tracking
 from tasks.train import train
 from tasks.validate import check_engine_config
 
@@ -30,28 +30,23 @@ class SftResult:
     served_reply: str | None
 
 
-@flow(name="sft", log_prints=True)
+@flow(name="sft", log_prints=True, **TRACKING_HOOKS)
 def sft(config: str, overrides: list[str] | None = None) -> SftResult:
     pipeline = load_pipeline(config, overrides)
     check_engine_config(pipeline)
     run = start_tracking(pipeline)
-    try:
-        model_path = fetch_model(pipeline, run)
-        data_sources = download_datasets_task(pipeline.data_settings(), pipeline.hub_source, run)
-        data = prepare_datasets_task(
-            data_sources,
-            val_size=pipeline.val_size,
-            cutoff_len=pipeline.cutoff_len,
-            tokenizer_file=tokenizer_file(model_path),
-            out_root=pipeline.state_dir / "datasets",
-            run=run,
-        )
-        trained = train(pipeline, run, model_path, data)
-        metrics = {**trained.figures, **evaluate(run, trained)}
-        version = publish(run, trained, pipeline.settings.publish)
-        reply = serve_smoke_test(pipeline, run, model_path, trained) if pipeline.settings.serve.enabled else None
-    except BaseException:
-        finish_tracking(run, succeeded=False)
-        raise
-    finish_tracking(run, succeeded=True)
+    model_path = fetch_model(pipeline, run)
+    data_sources = download_datasets_task(pipeline.data_settings(), pipeline.hub_source, run)
+    data = prepare_datasets_task(
+        data_sources,
+        val_size=pipeline.val_size,
+        cutoff_len=pipeline.cutoff_len,
+        tokenizer_file=tokenizer_file(model_path),
+        out_root=pipeline.state_dir / "datasets",
+        run=run,
+    )
+    trained = train(pipeline, run, model_path, data)
+    metrics = {**trained.figures, **evaluate(run, trained)}
+    version = publish(run, trained, pipeline.settings.publish)
+    reply = serve_smoke_test(pipeline, run, model_path, trained) if pipeline.settings.serve.enabled else None
     return SftResult(run.mlflow_run_id, metrics, version, reply)

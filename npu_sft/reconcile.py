@@ -6,7 +6,9 @@ A flow run marks itself Crashed and its MLflow run FAILED when it is told to sto
 not when it is SIGKILLed (OOM killer) or loses its worker. Every few seconds, for the flow runs of this host's
 worker (Prefect labels each run with `prefect.worker.name`):
 
-1. Running with no process left on this host: propose Crashed.
+1. Running with no process left on this host: propose Crashed. Cancelling with no process left for longer than the
+   grace period: propose Cancelled (before that the worker is still killing it and running its cancellation hooks,
+   which end its MLflow run KILLED).
 2. Running but no longer supervised by a worker (the worker died; Prefect starts each flow run in its own session,
    so it outlives the worker): SIGTERM it, so the flow marks itself Crashed, stops torchrun and fails its MLflow
    run; SIGKILL what is left after the grace period and propose Crashed.
@@ -16,7 +18,8 @@ worker (Prefect labels each run with `prefect.worker.name`):
 
 And for every flow run that ended Crashed, Failed or Cancelled, whichever host or automation ended it:
 
-4. its MLflow run (tag `prefect_flow_run_id`) still RUNNING: mark it FAILED, tagged with the reason.
+4. its MLflow run (tag `prefect_flow_run_id`) still RUNNING: mark it FAILED (KILLED for a cancelled one), tagged
+   with the reason.
 
 The heartbeat automation (deployments/automations.yaml) covers hosts that died altogether; step 4 then follows.
 """
@@ -54,12 +57,13 @@ from prefect.states import Cancelled, Crashed
 
 from npu_sft import host_processes
 from npu_sft.host_processes import ProcessInfo
+from npu_sft.tracking import FLOW_RUN_TAG
 
 log = logging.getLogger("npu_sft.reconcile")
 
 RUN_ID_VAR = "PREFECT__FLOW_RUN_ID"  # set by the worker for the flow run's process, inherited by all it starts
 WORKER_LABEL = "prefect.worker.name"
-MLFLOW_RUN_TAG = "prefect_flow_run_id"  # set by tasks/tracking.start_tracking
+MLFLOW_RUN_TAG = FLOW_RUN_TAG  # set by tasks/tracking.start_tracking
 RECONCILED_TAG = "npu_sft.reconciled"
 ACTIVE_STATES = [StateType.RUNNING, StateType.CANCELLING]
 UNSUCCESSFUL_STATES = [StateType.CRASHED, StateType.FAILED, StateType.CANCELLED]
@@ -86,8 +90,8 @@ def is_flow_engine(info: ProcessInfo) -> bool:
     return "prefect.engine" in info.cmdline
 
 
-def fail_mlflow_runs(client: MlflowClient, flow_run_id: str, reason: str) -> list[str]:
-    """Mark the flow run's MLflow runs that are still RUNNING as FAILED; returns their ids."""
+def fail_mlflow_runs(client: MlflowClient, flow_run_id: str, reason: str, status: int = RunStatus.FAILED) -> list[str]:
+    """Mark the flow run's MLflow runs that are still RUNNING as FAILED (or `status`); returns their ids."""
     experiment_ids = [experiment.experiment_id for experiment in client.search_experiments()]
     if not experiment_ids:
         return []
@@ -97,7 +101,7 @@ def fail_mlflow_runs(client: MlflowClient, flow_run_id: str, reason: str) -> lis
     )
     for run in runs:
         client.set_tag(run.info.run_id, RECONCILED_TAG, reason[:5000])
-        client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.FAILED))
+        client.set_terminated(run.info.run_id, status=RunStatus.to_string(status))
     return [run.info.run_id for run in runs]
 
 
@@ -114,6 +118,7 @@ class Reconciler:
     )
     _signalled: dict[tuple[int, int], float] = field(default_factory=dict)  # process -> when it got SIGTERM
     _unsupervised_since: dict[str, float] = field(default_factory=dict)  # flow run id -> first seen orphaned
+    _gone_since: dict[str, float] = field(default_factory=dict)  # cancelling flow run id -> first seen without process
     _mlflow_checked: set[str] = field(default_factory=set)
     _foreign: set[str] = field(default_factory=set)  # run ids this server does not know: never asked again
     _since: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
@@ -144,6 +149,7 @@ class Reconciler:
         alive = {info.identity for info in processes}
         self._signalled = {proc: when for proc, when in self._signalled.items() if proc in alive}
         self._unsupervised_since = {run: when for run, when in self._unsupervised_since.items() if run in active_ids}
+        self._gone_since = {run: when for run, when in self._gone_since.items() if run in active_ids}
         return done
 
     def _active_runs_of_this_worker(self) -> list[FlowRun]:
@@ -158,6 +164,11 @@ class Reconciler:
         run_id = str(flow_run.id)
         if not run_processes:
             self._unsupervised_since.pop(run_id, None)
+            cancelling = flow_run.state is not None and flow_run.state.type == StateType.CANCELLING
+            # The worker kills a cancelled run's process first, then runs its cancellation hooks, then marks it
+            # Cancelled: that takes it a few seconds.
+            if cancelling and self.clock() - self._gone_since.setdefault(run_id, self.clock()) <= self.grace_s:
+                return []
             return self._propose_crashed(flow_run, f"no process of this flow run is left on worker {self.worker_name}")
         if any(is_prefect_worker(by_pid.get(info.ppid)) for info in run_processes):
             self._unsupervised_since.pop(run_id, None)
@@ -236,9 +247,12 @@ class Reconciler:
             if run_id in self._mlflow_checked or flow_run.state is None:
                 continue
             reason = f"Prefect flow run {run_id} ended {flow_run.state.name}: {flow_run.state.message or ''}".strip()
-            failed = fail_mlflow_runs(self.mlflow, run_id, reason)
+            cancelled = flow_run.state.type == StateType.CANCELLED
+            status = RunStatus.KILLED if cancelled else RunStatus.FAILED
+            failed = fail_mlflow_runs(self.mlflow, run_id, reason, status)
             self._mlflow_checked.add(run_id)
-            done += [f"MLflow run {mlflow_run_id}: marked FAILED ({reason})" for mlflow_run_id in failed]
+            ended = RunStatus.to_string(status)
+            done += [f"MLflow run {mlflow_run_id}: marked {ended} ({reason})" for mlflow_run_id in failed]
         return done
 
 

@@ -18,6 +18,8 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from npu_sft.settings import MlflowSettings
 
 MLFLOW_BATCH_LIMIT = 100
+FLOW_RUN_TAG = "prefect_flow_run_id"  # which Prefect flow run an MLflow run belongs to
+END_REASON_TAG = "npu_sft.end_reason"  # why a run did not finish: the flow run's final state and its message
 
 
 def tracking_uri(settings: MlflowSettings) -> str:
@@ -138,6 +140,24 @@ class RunTracker:
     def finish(self, succeeded: bool) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if succeeded else RunStatus.FAILED)
         self.client.set_terminated(self.run_id, status=status)
+
+
+def end_runs_of_flow_run(settings: MlflowSettings, flow_run_id: str, status: str, reason: str | None) -> list[str]:
+    """End the flow run's MLflow runs that are still RUNNING with `status` (FINISHED, FAILED or KILLED), saying why
+    in a tag; returns their ids. A run some earlier hand already ended is left as it is."""
+    client = client_for(settings)
+    experiment = client.get_experiment_by_name(settings.experiment)
+    if experiment is None:
+        return []
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.{FLOW_RUN_TAG} = '{flow_run_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        if reason:
+            client.set_tag(run.info.run_id, END_REASON_TAG, reason[:5000])
+        client.set_terminated(run.info.run_id, status=status)
+    return [run.info.run_id for run in runs]
 
 
 class StepMetricSink:

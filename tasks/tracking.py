@@ -1,12 +1,27 @@
+"""The pipeline run's MLflow run: opened by a task, ended by the flow's state hooks.
+
+The hooks end it from the flow run's final state, whatever ended the flow: completed -> FINISHED; failed or crashed
+(Ctrl+C, a lost worker) -> FAILED; cancelled -> KILLED; the state's message goes into the run's `npu_sft.end_reason`
+tag. Prefect logs a hook's own error and never lets it replace the flow's. A flow process killed outright runs no
+hook: the reconciler (`make up`) ends those runs.
+
+    @flow(name="sft", **TRACKING_HOOKS)
+"""
+
 from __future__ import annotations
 
+from typing import Any
+
+from mlflow.entities import RunStatus
 from prefect import get_run_logger, task
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.logging import get_logger
 from prefect.runtime import flow_run
 
 from npu_sft.llamafactory_config import loggable_params
 from npu_sft.runs import RunContext
-from npu_sft.settings import Pipeline
-from npu_sft.tracking import RunTracker
+from npu_sft.settings import ConfigError, Pipeline, load_pipeline
+from npu_sft.tracking import FLOW_RUN_TAG, RunTracker, end_runs_of_flow_run
 
 
 @task
@@ -16,7 +31,7 @@ def start_tracking(pipeline: Pipeline) -> RunContext:
     flow_run_id = flow_run.get_id()
     tags = {"pipeline": settings.name, "pipeline_config": str(pipeline.config_file)}
     if flow_run_id:
-        tags["prefect_flow_run_id"] = flow_run_id
+        tags[FLOW_RUN_TAG] = flow_run_id
     tracker = RunTracker.start(settings.mlflow, run_name=f"{settings.name}-{flow_run.get_name() or 'local'}", tags=tags)
     run_dir = pipeline.state_dir / "runs" / tracker.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -25,6 +40,36 @@ def start_tracking(pipeline: Pipeline) -> RunContext:
     return RunContext(tracker, run_dir, flow_run_id)
 
 
-@task
-def finish_tracking(run: RunContext, succeeded: bool) -> None:
-    run.tracker.finish(succeeded)
+def _end_tracking(flow_run: FlowRun, status: int, reason: str | None) -> None:
+    parameters = flow_run.parameters
+    try:
+        pipeline = load_pipeline(parameters["config"], parameters.get("overrides"))
+    except ConfigError:  # the flow stopped at its config: no MLflow run was started
+        return
+    status_name = RunStatus.to_string(status)
+    for run_id in end_runs_of_flow_run(pipeline.settings.mlflow, str(flow_run.id), status_name, reason):
+        get_logger("npu_sft.tracking").info("MLflow run %s ended %s", run_id, status_name)
+
+
+def _reason(state: State) -> str:
+    return f"{state.name}: {state.message}" if state.message else state.name
+
+
+def end_tracking_finished(flow: Any, flow_run: FlowRun, state: State) -> None:
+    _end_tracking(flow_run, RunStatus.FINISHED, None)
+
+
+def end_tracking_failed(flow: Any, flow_run: FlowRun, state: State) -> None:
+    _end_tracking(flow_run, RunStatus.FAILED, _reason(state))
+
+
+def end_tracking_killed(flow: Any, flow_run: FlowRun, state: State) -> None:
+    _end_tracking(flow_run, RunStatus.KILLED, _reason(state))
+
+
+TRACKING_HOOKS: dict[str, Any] = {
+    "on_completion": [end_tracking_finished],
+    "on_failure": [end_tracking_failed],
+    "on_crashed": [end_tracking_failed],
+    "on_cancellation": [end_tracking_killed],
+}

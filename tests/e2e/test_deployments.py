@@ -31,6 +31,7 @@ from npu_sft import host_processes
 from npu_sft.devices import DeviceSettings, acquire_lease, current_leases
 from npu_sft.reconcile import RECONCILED_TAG, RUN_ID_VAR, is_flow_engine
 from npu_sft.services import MARKER_VAR, ServiceSettings, port_in_use, read_record
+from npu_sft.tracking import END_REASON_TAG
 
 pytestmark = pytest.mark.e2e
 
@@ -273,6 +274,31 @@ def test_serve_keeps_serving_until_the_run_is_cancelled(project: Project) -> Non
     wait_for("the flow run to be Cancelled", cancelled, timeout_s=90)
     wait_for("the API server to be gone", lambda: not processes_of(flow_run.id), timeout_s=60)
     assert not _answers(f"{base}/models", headers)
+
+
+def test_a_cancelled_sft_run_ends_its_mlflow_run_killed(project: Project) -> None:
+    flow_run_id = start_sft_tiny(project)
+    wait_until_training(project, flow_run_id)
+    cancel = project.prefect_cli("flow-run", "cancel", str(flow_run_id), timeout=60)
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+
+    def killed_mlflow_run() -> Run | None:
+        run = mlflow_run_of(project, flow_run_id)
+        return run if run is not None and run.info.status == "KILLED" else None
+
+    # The worker kills the flow's process, runs its cancellation hooks (the MLflow run), then marks it Cancelled.
+    run = wait_for("its MLflow run to be KILLED", killed_mlflow_run, timeout_s=120)
+    assert run.data.tags[END_REASON_TAG].startswith("Cancel")
+
+    def cancelled() -> bool:
+        with project.prefect() as client:
+            state = client.read_flow_run(flow_run_id).state
+        return state is not None and state.type == StateType.CANCELLED
+
+    wait_for("the flow run to be Cancelled", cancelled, timeout_s=90)
+    wait_for("no process of the run to be left", lambda: not processes_of(flow_run_id), timeout_s=90)
+    lease = acquire_lease(project.devices, "train")  # the training's devices are free again
+    lease.release()
 
 
 def test_a_killed_worker_leaves_a_crashed_run_free_devices_and_a_failed_mlflow_run(project: Project) -> None:

@@ -222,9 +222,25 @@ def test_without_a_worker_only_mlflow_runs_are_fixed(mlflow_client: MlflowClient
     assert mlflow_client.get_run(mlflow_run_id).info.status == "FAILED"
 
 
-def test_a_cancelling_run_without_processes_ends_cancelled(mlflow_client: MlflowClient, signals: list) -> None:
+def test_a_cancelling_run_without_processes_ends_cancelled_after_the_grace_period(
+    mlflow_client: MlflowClient, signals: list
+) -> None:
     from prefect.states import Cancelling
 
     run = flow_run(Cancelling())
-    reconciler(FakePrefect(run), mlflow_client, [WORKER_PROCESS]).run_once()
+    clock = Clock()
+    sweeper = reconciler(FakePrefect(run), mlflow_client, [WORKER_PROCESS], clock)
+    sweeper.run_once()
+    assert run.state.type == StateType.CANCELLING  # the worker is still running its cancellation hooks
+    clock.now += 31
+    sweeper.run_once()
     assert run.state.type == StateType.CANCELLED
+
+
+def test_the_mlflow_run_of_a_cancelled_flow_run_ends_killed(mlflow_client: MlflowClient) -> None:
+    from prefect.states import Cancelled
+
+    cancelled = flow_run(Cancelled(message="cancelled from the UI"), ended_ago_s=1)
+    mlflow_run_id = _mlflow_run(mlflow_client, str(cancelled.id))
+    Reconciler(FakePrefect(cancelled), mlflow_client, None, list_processes=lambda: []).run_once()
+    assert mlflow_client.get_run(mlflow_run_id).info.status == "KILLED"
