@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from prefect import flow
 
 from npu_sft.settings import load_pipeline
-from npu_sft.tiny_model import tokenizer_file
 from tasks.evaluate import evaluate
 from tasks.model import fetch_model
-from tasks.prepare import download_datasets_task, prepare_datasets_task
+from tasks.prepare import download_datasets, prepare_data, record_datasets
 from tasks.publish import publish
 from tasks.serve import serve_smoke_test
 from tasks.tracking import TRACKING_HOOKS, start_tracking
@@ -36,17 +35,11 @@ def sft(config: str, overrides: list[str] | None = None) -> SftResult:
     check_engine_config(pipeline)
     run = start_tracking(pipeline)
     model_path = fetch_model(pipeline, run)
-    data_sources = download_datasets_task(pipeline.data_settings(), pipeline.hub_source, run)
-    data = prepare_datasets_task(
-        data_sources,
-        val_size=pipeline.val_size,
-        cutoff_len=pipeline.cutoff_len,
-        tokenizer_file=tokenizer_file(model_path),
-        out_root=pipeline.state_dir / "datasets",
-        run=run,
-    )
+    sources = download_datasets(pipeline, run)
+    data = prepare_data(pipeline, run, sources, model_path)
+    record_datasets(pipeline, run, data)
     trained = train(pipeline, run, model_path, data)
-    metrics = {**trained.figures, **evaluate(run, trained)}
-    version = publish(run, trained, pipeline.settings.publish)
+    metrics = {**trained.figures, **evaluate(pipeline, run, trained)}
+    version = publish(pipeline, run, trained)
     reply = serve_smoke_test(pipeline, run, model_path, trained) if pipeline.settings.serve.enabled else None
     return SftResult(run.mlflow_run_id, metrics, version, reply)

@@ -5,12 +5,13 @@ import math
 from prefect import get_run_logger, task
 
 from npu_sft.runs import RunContext
+from npu_sft.settings import Pipeline
 from npu_sft.training import read_results
 from tasks.train import Trained
 
 
 @task
-def evaluate(run: RunContext, trained: Trained) -> dict[str, float]:
+def evaluate(pipeline: Pipeline, run: RunContext, trained: Trained) -> dict[str, float]:
     """eval_loss and perplexity from the engine's outputs, recorded as the run's final metrics."""
     results = read_results(trained.output_dir)
     if not math.isfinite(results.get("eval_loss", math.nan)):

@@ -20,8 +20,10 @@ def make_tiny_model(pipeline: Pipeline, source: TinyModelSource) -> Path:
     return model_dir
 
 
+@task
 def fetch_model(pipeline: Pipeline, run: RunContext) -> Path:
-    """download: the tiny model from its local source, or the configured model through the download task."""
+    """download: the tiny model from its local source, or the configured model through the download task; what
+    was fetched (id, commit, files) goes into the run."""
     source = pipeline.settings.model
     if isinstance(source, TinyModelSource):
         model_dir = make_tiny_model(pipeline, source)

@@ -1,49 +1,79 @@
-"""Prefect task: prepare the datasets, publish their statistics, and record them in the MLflow run."""
+"""Prefect tasks: the ModelScope dataset repositories, the prepared datasets (cached while their directory exists),
+and their statistics in the run (MLflow and a Prefect table artifact)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+from prefect.results import get_result_store
 
-from npu_sft.datasets import DataSettings, PreparedData, log_dataset_stats, prepare_datasets, stats_table_rows
-from npu_sft.download import ModelSource, log_manifest
+from npu_sft.datasets import (
+    DataSettings,
+    DatasetError,
+    PreparedData,
+    log_dataset_stats,
+    prepare_datasets,
+    prepared_dir_for,
+    stats_table_rows,
+)
+from npu_sft.download import log_manifest
 from npu_sft.download.datasets import with_downloaded_datasets
 from npu_sft.runs import RunContext
+from npu_sft.settings import Pipeline
+from npu_sft.tiny_model import tokenizer_file
 
 STATS_ARTIFACT_KEY = "dataset-stats"
 
 
 @task(name="download-datasets", cache_policy=NO_CACHE)
-def download_datasets_task(settings: DataSettings, model: ModelSource | None, run: RunContext) -> DataSettings:
+def download_datasets(pipeline: Pipeline, run: RunContext) -> DataSettings:
     """ModelScope dataset repositories, through the same pinned, cached, verified path as models; each one's
     manifest goes into the run, so it says exactly which data it trained on."""
-    resolved, downloads = with_downloaded_datasets(settings, model)
+    resolved, downloads = with_downloaded_datasets(pipeline.data_settings(), pipeline.hub_source)
     for name, downloaded in downloads:
         get_run_logger().info("dataset %s: %s @ %s in %s", name, downloaded.model_id, downloaded.resolved_revision, downloaded.path)
         log_manifest(run.tracker, downloaded, prefix=f"dataset.{name}")
     return resolved
 
 
-# NO_CACHE: the prepared directory is already content-addressed (a re-run is a cache hit there), and the task records
-# the statistics in the run, which a Prefect cache hit would skip.
-@task(name="prepare-datasets", cache_policy=NO_CACHE)
-def prepare_datasets_task(
-    settings: DataSettings,
-    *,
-    val_size: float,
-    cutoff_len: int,
-    tokenizer_file: Path | None,
-    out_root: Path,
-    run: RunContext | None = None,
-) -> PreparedData:
+def _prepare_arguments(pipeline: Pipeline, sources: DataSettings, model_path: Path) -> dict[str, Any]:
+    return {
+        "val_size": pipeline.val_size,
+        "cutoff_len": pipeline.cutoff_len,
+        "tokenizer_file": tokenizer_file(model_path),
+        "out_root": pipeline.state_dir / "datasets",
+    }
+
+
+def prepared_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """The prepared directory's own content key (inputs' bytes, settings, tokenizer, code) and path: an edited data
+    file makes a new key, and a deleted directory is never answered from Prefect's cache."""
+    try:
+        directory = prepared_dir_for(
+            parameters["sources"], **_prepare_arguments(parameters["pipeline"], parameters["sources"], parameters["model_path"])
+        )
+    except DatasetError:
+        return None  # the task itself reports it
+    # The whole path: Prefect's result store is shared by every project of the user on this host.
+    key = f"prepared-datasets-{directory.name}-{hashlib.sha256(str(directory).encode()).hexdigest()[:16]}"
+    if not directory.is_dir() and get_result_store().exists(key):
+        # A cached answer naming a directory that was deleted since: prepare again, at the same path (the content
+        # key's), which makes that answer true again.
+        return None
+    return key
+
+
+@task(name="prepare-datasets", cache_key_fn=prepared_cache_key, persist_result=True)
+def prepare_data(pipeline: Pipeline, run: RunContext, sources: DataSettings, model_path: Path) -> PreparedData:
     """Validate, dedup, split and measure the data before any device is taken; fails on too many rejects."""
     logger = get_run_logger()
-    prepared = prepare_datasets(
-        settings, val_size=val_size, cutoff_len=cutoff_len, tokenizer_file=tokenizer_file, out_root=out_root
-    )
+    prepared = prepare_datasets(sources, **_prepare_arguments(pipeline, sources, model_path))
     logger.info(
         "datasets %s: %s (%d train, %d eval rows, %d rejected)",
         "reused (cache hit)" if prepared.cache_hit else "prepared",
@@ -54,14 +84,15 @@ def prepare_datasets_task(
     )
     for warning in prepared.stats.warnings:
         logger.warning(warning)
-    create_table_artifact(
-        table=stats_table_rows(prepared.stats),
-        key=STATS_ARTIFACT_KEY,
-        description=_artifact_description(prepared),
-    )
-    if run is not None:
-        log_dataset_stats(run.tracker, prepared)
     return prepared
+
+
+@task(name="record-datasets")
+def record_datasets(pipeline: Pipeline, run: RunContext, data: PreparedData) -> None:
+    """The statistics, rejects and registration in the run, and a table artifact in the flow run (every run, also
+    when the preparation itself came from the cache)."""
+    create_table_artifact(table=stats_table_rows(data.stats), key=STATS_ARTIFACT_KEY, description=_artifact_description(data))
+    log_dataset_stats(run.tracker, data)
 
 
 def _artifact_description(prepared: PreparedData) -> str:

@@ -30,6 +30,7 @@ def fetch_registered_adapter(pipeline: Pipeline, name: str, version: str) -> Pat
     return registry.download_version(pipeline.settings.mlflow, name, version, dest)
 
 
+@task
 def fetch_base_model(pipeline: Pipeline) -> Path:
     """The adapter's base model: the generated tiny model, or the configured download (cached by its task)."""
     source = pipeline.settings.model

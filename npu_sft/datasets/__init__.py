@@ -2,7 +2,7 @@
 
 from npu_sft.datasets.builtin import BUILTIN_DATASETS, demo_corpus
 from npu_sft.datasets.errors import DatasetError
-from npu_sft.datasets.prepare import PreparedData, prepare_datasets
+from npu_sft.datasets.prepare import PreparedData, prepare_datasets, prepared_dir_for
 from npu_sft.datasets.report import render_prepare_report, stats_table_rows
 from npu_sft.datasets.settings import ColumnMap, DatasetSpec, DataSettings, IdentitySettings, TagMap
 from npu_sft.datasets.stats import DatasetStats, LengthStats, SourceStats
@@ -23,6 +23,7 @@ __all__ = [
     "demo_corpus",
     "log_dataset_stats",
     "prepare_datasets",
+    "prepared_dir_for",
     "render_prepare_report",
     "stats_table_rows",
 ]

@@ -177,6 +177,17 @@ def prepare_datasets(
     return _prepared_from_dir(final_dir, cache_hit=not published)
 
 
+def prepared_dir_for(
+    settings: DataSettings, *, val_size: float, cutoff_len: int, tokenizer_file: Path | None, out_root: Path
+) -> Path:
+    """Where `prepare_datasets` puts, or finds, the prepared directory for these inputs (it may not exist yet): named
+    by the content key, so asking costs reading and hashing the inputs, not validating them."""
+    effective_val_size = settings.val_size if settings.val_size is not None else val_size
+    _check_run_arguments(effective_val_size, cutoff_len)
+    sources = [_load_source(spec) for spec in settings.datasets]
+    return out_root / _content_key(settings, sources, effective_val_size, cutoff_len, _read_tokenizer(tokenizer_file))
+
+
 def _log_warnings(stats: DatasetStats) -> None:
     for warning in stats.warnings:
         logger.warning("datasets: %s", warning)

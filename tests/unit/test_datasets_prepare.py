@@ -295,38 +295,6 @@ def test_log_dataset_stats_to_mlflow(tmp_path: Path, tokenizer_file: Path) -> No
     assert artifacts == {"datasets/stats.json", "datasets/rejects.jsonl", "datasets/dataset_info.json"}
 
 
-def test_prefect_task_publishes_a_table_artifact(tmp_path: Path) -> None:
-    """Runs the task in a flow against a temporary Prefect server (about 10 s)."""
-    import asyncio
-
-    from prefect import flow
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.testing.utilities import prefect_test_harness
-
-    from tasks.prepare import STATS_ARTIFACT_KEY, prepare_datasets_task
-
-    @flow
-    def prepare_flow(out_root: Path) -> Any:
-        return prepare_datasets_task(
-            DataSettings(datasets="identity"), val_size=0.1, cutoff_len=64, tokenizer_file=None, out_root=out_root
-        )
-
-    async def read_artifacts() -> list[Any]:
-        async with get_client() as client:
-            key_filter = ArtifactFilter(key=ArtifactFilterKey(any_=[STATS_ARTIFACT_KEY]))
-            return await client.read_artifacts(artifact_filter=key_filter)
-
-    with prefect_test_harness(server_startup_timeout=90):
-        prepared = prepare_flow(tmp_path / "out")
-        artifacts = asyncio.run(read_artifacts())
-    assert prepared.stats.total == 52
-    assert artifacts[0].type == "table"
-    table = json.loads(artifacts[0].data)
-    assert table[0]["dataset"] == "identity" and table[-1]["dataset"] == "total"
-    assert str(prepared.dir) in artifacts[0].description
-
-
 # the engine reads it --------------------------------------------------------------------------------------------
 
 _ENGINE_LOAD_SCRIPT = textwrap.dedent(
