@@ -24,6 +24,9 @@ def _use_project_prefect_home() -> None:
     # Prefect's telemetry heartbeat writes to the local server's SQLite database while its first migration runs, and
     # one of them then fails with "database is locked"; these hosts are offline anyway. Set the variable to opt in.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server needs ~15 s to start on an idle 2-core host; Prefect gives up after 20 s ("Timed out while
+    # attempting to connect to ephemeral Prefect API server"), which a busy host exceeds.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Keeps the demo's Prefect database with the project's state unless the user chose a home or a server.
     if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
         os.environ["PREFECT_HOME"] = str(Path(".npu-sft/prefect").resolve())

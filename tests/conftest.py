@@ -9,6 +9,8 @@ REPO = Path(__file__).resolve().parents[1]
 # As `npu-sft` does: with telemetry on, every fresh PREFECT_HOME (one per test) races its heartbeat against the first
 # migration of the local server's SQLite database ("database is locked"). Inherited by the CLIs the tests start.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# As `npu-sft` does: the temporary server's 20 s start-up limit is too short for a busy 2-core host.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 ENGINE_PYTHON = REPO / ".npu-sft" / "engine" / "bin" / "python"
 
 
