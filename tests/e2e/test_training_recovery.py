@@ -183,7 +183,8 @@ def test_rank_killed_at_a_random_step_resumes_in_the_same_mlflow_run(
     last_attempt = json.loads((run_dir / "output" / "train_results.json").read_text())
     assert last_attempt["train_loss"] < 0.9 * metrics["train_loss"]
     assert metrics["train/steps_run"] > PLANNED_STEPS  # the steps after the checkpoint ran twice
-    assert metrics["train_runtime"] == metrics["train/loop_time_s"] > last_attempt["train_runtime"]
+    # The killed attempt adds its loop time in LLaMA-Factory's whole seconds: nothing when it died within the first.
+    assert metrics["train_runtime"] == metrics["train/loop_time_s"] >= last_attempt["train_runtime"]
     assert metrics["train_samples_per_second"] == pytest.approx(
         406 / PLANNED_STEPS * metrics["train/steps_run"] / metrics["train/loop_time_s"], rel=0.01
     )
