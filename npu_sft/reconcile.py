@@ -57,13 +57,12 @@ from prefect.states import Cancelled, Crashed
 
 from npu_sft import host_processes
 from npu_sft.host_processes import ProcessInfo
-from npu_sft.tracking import FLOW_RUN_TAG
+from npu_sft.tracking import end_running_runs
 
 log = logging.getLogger("npu_sft.reconcile")
 
 RUN_ID_VAR = "PREFECT__FLOW_RUN_ID"  # set by the worker for the flow run's process, inherited by all it starts
 WORKER_LABEL = "prefect.worker.name"
-MLFLOW_RUN_TAG = FLOW_RUN_TAG  # set by tasks/tracking.start_tracking
 RECONCILED_TAG = "npu_sft.reconciled"
 ACTIVE_STATES = [StateType.RUNNING, StateType.CANCELLING]
 UNSUCCESSFUL_STATES = [StateType.CRASHED, StateType.FAILED, StateType.CANCELLED]
@@ -91,18 +90,10 @@ def is_flow_engine(info: ProcessInfo) -> bool:
 
 
 def fail_mlflow_runs(client: MlflowClient, flow_run_id: str, reason: str, status: int = RunStatus.FAILED) -> list[str]:
-    """Mark the flow run's MLflow runs that are still RUNNING as FAILED (or `status`); returns their ids."""
+    """Mark the flow run's MLflow runs that are still RUNNING, in any experiment, as FAILED (or `status`); returns
+    their ids."""
     experiment_ids = [experiment.experiment_id for experiment in client.search_experiments()]
-    if not experiment_ids:
-        return []
-    runs = client.search_runs(
-        experiment_ids,
-        filter_string=f"tags.{MLFLOW_RUN_TAG} = '{flow_run_id}' and attributes.status = 'RUNNING'",
-    )
-    for run in runs:
-        client.set_tag(run.info.run_id, RECONCILED_TAG, reason[:5000])
-        client.set_terminated(run.info.run_id, status=RunStatus.to_string(status))
-    return [run.info.run_id for run in runs]
+    return end_running_runs(client, experiment_ids, flow_run_id, RunStatus.to_string(status), reason, RECONCILED_TAG)
 
 
 @dataclass
