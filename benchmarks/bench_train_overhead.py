@@ -10,9 +10,10 @@ training takes well over a minute) with 2 CPU ranks:
   sampled, the retry machinery armed);
 - bare: `FORCE_TORCHRUN=1 NPROC_PER_NODE=2 llamafactory-cli train CONFIG`, output to a file.
 
-The order alternates (pipeline first, then bare first, ...), so neither always runs on a warmer machine. Prints each
-run's wall time, the means and their ratio, and the orchestrator's own CPU time during each pipeline run (the part
-of the overhead that does not depend on how busy the machine is); exits 1 when the ratio is above the target.
+After one short untimed warm-up run of each, the order alternates (pipeline first, then bare first, ...), so
+neither always runs on a warmer machine. Prints each run's wall time, the means and their ratio, and the
+orchestrator's own CPU time during each pipeline run (the part of the overhead that does not depend on how busy the
+machine is); exits 1 when the ratio is above the target.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from npu_sft.training_figures import run_figures
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 MIN_TRAINING_S = 60.0
+WARM_UP_EPOCHS = 2
 
 
 def free_port() -> int:
@@ -50,7 +52,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def generate_config(work: Path, engine_python: str, epochs: int) -> tuple[EngineSettings, Path, Path]:
+def generate_config(
+    work: Path, engine_python: str, epochs: int, name: str = "llamafactory.yaml"
+) -> tuple[EngineSettings, Path, Path]:
     """The YAML the train task would write for the demo pipeline, with `epochs` epochs."""
     pipeline = load_pipeline(
         DEMO_CONFIG,
@@ -73,11 +77,11 @@ def generate_config(work: Path, engine_python: str, epochs: int) -> tuple[Engine
     config = resolve_train_config(
         pipeline, model_path=str(model), data_args=data.llamafactory_args(), output_dir=output_dir
     )
-    return engine, write_config(config, work / "llamafactory.yaml"), output_dir
+    return engine, write_config(config, work / name), output_dir
 
 
 def run_pipeline_path(
-    engine: EngineSettings, config_file: Path, output_dir: Path, work: Path, index: int
+    engine: EngineSettings, config_file: Path, output_dir: Path, work: Path, name: str
 ) -> tuple[float, float]:
     """Wall time of run_training, and the engine's own training-loop time (train_runtime)."""
     mlflow = MlflowSettings(
@@ -85,10 +89,10 @@ def run_pipeline_path(
         artifact_location=str(work / "mlruns" / "artifacts"),
         experiment="bench-train-overhead",
     )
-    tracker = RunTracker.start(mlflow, run_name=f"pipeline-{index}", tags={})
-    logger = logging.getLogger(f"bench.pipeline.{index}")
+    tracker = RunTracker.start(mlflow, run_name=name, tags={})
+    logger = logging.getLogger(f"bench.{name}")
     logger.propagate = False
-    handler = logging.FileHandler(work / f"pipeline-{index}.task.log")
+    handler = logging.FileHandler(work / f"{name}.task.log")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     started = time.monotonic()
@@ -100,7 +104,7 @@ def run_pipeline_path(
             config_file,
             output_dir,
             device_env=launch_env("cpu"),
-            log_file=work / f"pipeline-{index}.train.log",
+            log_file=work / f"{name}.train.log",
             on_line=logger.info,
             on_event=logger.warning,
             on_metrics=tracker.log_metrics,
@@ -121,7 +125,7 @@ def run_pipeline_path(
     return elapsed, figures.get("train/loop_time_s", 0.0)
 
 
-def run_bare(engine: EngineSettings, config_file: Path, work: Path, index: int) -> float:
+def run_bare(engine: EngineSettings, config_file: Path, work: Path, name: str) -> float:
     command = bare_train_command(
         engine,
         config_file,
@@ -135,7 +139,7 @@ def run_bare(engine: EngineSettings, config_file: Path, work: Path, index: int) 
     )
     started = time.monotonic()
     # Deliberately not npu_sft.process: the baseline is the engine alone, its output going straight to a file.
-    with (work / f"bare-{index}.log").open("wb") as log:
+    with (work / f"{name}.log").open("wb") as log:
         completed = subprocess.run(
             command.argv, env={**os.environ, **command.env}, stdout=log, stderr=subprocess.STDOUT, check=False
         )
@@ -158,6 +162,14 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     engine, config_file, output_dir = generate_config(work, args.engine_python, args.epochs)
     print(f"config: {config_file} ({args.epochs} epochs, 2 CPU ranks); logs in {work}")
+    # One short, untimed run of each path first: the first run on a machine pays for the file cache, the engine's
+    # imports and the MLflow store's creation, and would otherwise land on whichever path the first pair starts.
+    _, warm_up_config, _ = generate_config(work, args.engine_python, WARM_UP_EPOCHS, name="warm-up.yaml")
+    shutil.rmtree(output_dir, ignore_errors=True)
+    run_pipeline_path(engine, warm_up_config, output_dir, work, "warm-up-pipeline")
+    shutil.rmtree(output_dir, ignore_errors=True)
+    run_bare(engine, warm_up_config, work, "warm-up-bare")
+    print("warm-up done (untimed)")
 
     times: dict[str, list[float]] = {"pipeline": [], "bare": []}
     loop_times: list[float] = []
@@ -167,10 +179,10 @@ def main() -> int:
             shutil.rmtree(output_dir, ignore_errors=True)  # every run starts from an empty output dir
             index = len(times[kind])
             if kind == "pipeline":
-                elapsed, loop_s = run_pipeline_path(engine, config_file, output_dir, work, index)
+                elapsed, loop_s = run_pipeline_path(engine, config_file, output_dir, work, f"pipeline-{index}")
                 loop_times.append(loop_s)
             else:
-                elapsed = run_bare(engine, config_file, work, index)
+                elapsed = run_bare(engine, config_file, work, f"bare-{index}")
             times[kind].append(elapsed)
             print(f"pair {pair + 1}, {kind:8s}: {elapsed:7.1f} s")
 
