@@ -39,7 +39,8 @@ def sft(config: str, overrides: list[str] | None = None) -> SftResult:
     data = prepare_data(pipeline, run, sources, model_path)
     record_datasets(pipeline, run, data)
     trained = train(pipeline, run, model_path, data)
-    metrics = {**trained.figures, **evaluate(pipeline, run, trained)}
+    evaluation = evaluate(pipeline, run, trained)
+    metrics = {**trained.figures, **evaluation.metrics()}
     version = publish(pipeline, run, trained)
     reply = serve_smoke_test(pipeline, run, model_path, trained) if pipeline.settings.serve.enabled else None
     return SftResult(run.mlflow_run_id, metrics, version, reply)

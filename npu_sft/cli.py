@@ -3,6 +3,7 @@
     npu-sft demo                                   # the whole flow on the embedded tiny model (CPU)
     npu-sft run configs/qwen7b.yaml --set devices.train=4
     npu-sft plan configs/qwen7b.yaml               # validate and show what would run, starting nothing
+    npu-sft evaluate configs/tiny_cpu.yaml --run RUN_ID   # score an earlier run's adapter again
     npu-sft prepare configs/tiny_cpu.yaml          # dataset preparation alone
     npu-sft devices                                # device inventory and current leases
 """
@@ -49,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     with_config("run", "run the sft flow on a pipeline config")
     demo = commands.add_parser("demo", help="run the sft flow on the embedded tiny model (configs/tiny_cpu.yaml)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    again = with_config("evaluate", "score an earlier run's adapter again with the current eval settings, into that run")
+    target = again.add_mutually_exclusive_group(required=True)
+    target.add_argument("--run", metavar="RUN_ID", help="the MLflow run of a pipeline run on this host")
+    target.add_argument("--version", metavar="N", help="a version of publish.registered_model (or `latest`)")
     with_config("plan", "validate a config and print the engine config, devices and command, starting nothing")
     with_config("prepare", "run dataset preparation alone and print its statistics and rejects")
     devices = commands.add_parser("devices", help="show the device inventory and current leases")

@@ -17,7 +17,14 @@ BAD_INPUT_ERRORS = (ConfigError, DeviceError, DatasetError, DownloadError)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    handlers = {"run": run_flow, "demo": run_demo, "plan": plan, "prepare": prepare, "devices": devices}
+    handlers = {
+        "run": run_flow,
+        "demo": run_demo,
+        "evaluate": evaluate,
+        "plan": plan,
+        "prepare": prepare,
+        "devices": devices,
+    }
     return handlers[args.command](args)
 
 
@@ -40,6 +47,7 @@ def run_flow(args: argparse.Namespace) -> int:
     for key in ("eval_loss", "perplexity", "train_loss"):
         if key in result.metrics:
             summary.add_row(key, f"{result.metrics[key]:.4f}")
+    _add_score_rows(summary, result.metrics)
     if result.model_version is not None:
         summary.add_row("registered model", f"{pipeline.settings.publish.registered_model} version {result.model_version}")
     if result.served_reply is not None:
@@ -48,6 +56,34 @@ def run_flow(args: argparse.Namespace) -> int:
     console.print(f"MLflow UI:  mlflow ui --backend-store-uri {tracking_uri(pipeline.settings.mlflow)}")
     console.print("Prefect UI: make up, then open http://127.0.0.1:4200")
     return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from npu_sft.reevaluation import find_run_to_evaluate
+
+    pipeline = load_pipeline(args.config, args.overrides)
+    run_id = find_run_to_evaluate(pipeline, args.run, args.version)  # before Prefect starts anything
+    from flows.evaluate import evaluate_again
+
+    evaluation = evaluate_again(str(pipeline.config_file), run_id, args.overrides)
+    summary = Table(title=f"evaluate: {pipeline.settings.name}", show_header=False)
+    summary.add_row("MLflow run", run_id)
+    _add_score_rows(summary, evaluation.metrics())
+    if evaluation.baseline is not None:
+        summary.add_row("base model scores", "reused" if evaluation.baseline.reused else "computed")
+    Console().print(summary)
+    return 0
+
+
+def _add_score_rows(summary: Table, metrics: dict[str, float]) -> None:
+    for name, label in (("bleu_4", "BLEU-4"), ("rouge_l", "ROUGE-L")):
+        if f"eval/{name}" not in metrics:
+            continue
+        if f"base/{name}" in metrics:
+            shown = f"{metrics[f'eval/{name}']:.2f} / {metrics[f'base/{name}']:.2f} / {metrics[f'gain/{name}']:+.2f}"
+        else:
+            shown = f"{metrics[f'eval/{name}']:.2f} / - / -"
+        summary.add_row(f"{label} adapter / base / gain", shown)
 
 
 def plan(args: argparse.Namespace) -> int:

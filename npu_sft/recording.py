@@ -22,3 +22,6 @@ class RunRecorder(Protocol):
 
     def log_dict(self, document: Mapping[str, Any], artifact_file: str) -> None:
         """A JSON (or YAML, by the file's suffix) document as an artifact file."""
+
+    def log_table(self, columns: Mapping[str, list[Any]], artifact_file: str) -> None:
+        """A table (column -> values) as a JSON artifact the MLflow UI shows as a table."""

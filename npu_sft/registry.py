@@ -39,6 +39,12 @@ def resolve_version(settings: MlflowSettings, name: str, version: str) -> str:
     return str(max(int(v.version) for v in versions))
 
 
+def run_of_version(settings: MlflowSettings, name: str, version: str) -> str:
+    """The MLflow run that produced a registered version (`latest` allowed)."""
+    resolved = resolve_version(settings, name, version)
+    return str(client_for(settings).get_model_version(name, resolved).run_id)
+
+
 def download_version(settings: MlflowSettings, name: str, version: str, dest: Path) -> Path:
     """The version's adapter files in `dest` (kept: a second serve of the same version downloads nothing)."""
     if (dest / ADAPTER_MARKER).is_file():

@@ -18,6 +18,7 @@ from npu_sft.datasets import DataSettings
 from npu_sft.devices import DeviceSettings
 from npu_sft.download import ModelSource
 from npu_sft.engine import EngineSettings
+from npu_sft.evaluation.settings import EvalSettings
 
 
 LLAMAFACTORY_DEFAULT_CUTOFF_LEN = 2048
@@ -89,6 +90,7 @@ class PipelineSettings(_Strict):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
     publish: PublishSettings
     serve: ServeSettings = Field(default_factory=ServeSettings)
     state_dir: str = Field(".npu-sft", description="runs/, datasets/, models/ of this project; relative to the cwd")
@@ -241,7 +243,18 @@ def load_pipeline(config_file: str | Path, overrides: list[str] | None = None) -
         config_file=config_path.resolve(), settings=settings, llamafactory_file=lf_file, llamafactory=lf_config
     )
     _check_datasets_defined(pipeline)
+    _check_eval_split(pipeline)
     return pipeline
+
+
+def _check_eval_split(pipeline: Pipeline) -> None:
+    """The eval stage scores the held-out split that preparation cuts with `val_size`: refuse a config without one
+    now, not after the training."""
+    if pipeline.settings.eval.enabled and pipeline.val_size == 0:
+        raise ConfigError(
+            f"{pipeline.llamafactory_file}: val_size: 0 leaves no held-out rows for the eval stage; set val_size "
+            f"(a share such as 0.1, or a row count), or eval.enabled: false in {pipeline.config_file.name}"
+        )
 
 
 def _check_datasets_defined(pipeline: Pipeline) -> None:

@@ -115,6 +115,9 @@ class RunTracker:
     def log_dict(self, document: Mapping[str, Any], artifact_file: str) -> None:
         self.client.log_dict(self.run_id, dict(document), artifact_file)
 
+    def log_table(self, columns: Mapping[str, list[Any]], artifact_file: str) -> None:
+        self.client.log_table(self.run_id, dict(columns), artifact_file)
+
     def logged_steps(self, keys: Iterable[str]) -> dict[str, int]:
         """The newest step of each of `keys` the run already holds (from an earlier run of the same task)."""
         logged: dict[str, int] = {}

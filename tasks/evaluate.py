@@ -1,24 +1,89 @@
+"""The eval task: LLaMA-Factory's predict for the adapter and the base model on the task's own device lease."""
+
 from __future__ import annotations
 
 import math
 
+import yaml
 from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
 
+from npu_sft.devices import lease_devices
+from npu_sft.engine import DistributedLaunch
+from npu_sft.evaluation import EnginePredictor, Evaluation, evaluate_adapter, record_evaluation, sample_rows
 from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline
-from npu_sft.training import read_results
+from npu_sft.training import launch_env, read_results
 from tasks.train import Trained
+
+SAMPLES_ARTIFACT_KEY = "eval-samples"
 
 
 @task
-def evaluate(pipeline: Pipeline, run: RunContext, trained: Trained) -> dict[str, float]:
-    """eval_loss and perplexity from the engine's outputs, recorded as the run's final metrics."""
+def evaluate(pipeline: Pipeline, run: RunContext, trained: Trained) -> Evaluation:
+    """The adapter's answers on the held-out split against the references (BLEU-4, ROUGE-1/2/L, LLaMA-Factory's
+    metric code), the base model's the same way (once per model, split and settings), and the gains; with the
+    training's eval_loss and perplexity. Runs on devices of its own: the training's were released before."""
+    logger = get_run_logger()
+    settings = pipeline.settings
+    loss = _training_loss(trained)
+    if not settings.eval.enabled:
+        evaluation = Evaluation(adapter=None, baseline=None, loss=loss)
+        record_evaluation(run.tracker, evaluation, [])
+        return evaluation
+    run_config = yaml.safe_load(trained.config_file.read_text(encoding="utf-8"))
+    with lease_devices(settings.devices, task="eval", flow_run_id=run.flow_run_id, on_wait=logger.info) as lease:
+        devices = ",".join(str(i) for i in lease.ids)
+        logger.info("evaluating on %s devices %s", lease.kind, devices)
+        predictor = EnginePredictor(
+            settings.engine,
+            DistributedLaunch(nproc_per_node=lease.nproc_per_node, master_port=lease.master_port),
+            device_env={**lease.env(), **launch_env(lease.kind)},
+            log_file=run.logs_dir / "eval.log",
+            on_line=logger.info,
+        )
+        scored = evaluate_adapter(
+            run_config,
+            settings.eval,
+            adapter_dir=trained.output_dir,
+            out_dir=run.run_dir / "eval",
+            predict=predictor,
+            engine=settings.engine,
+            baseline_store=pipeline.state_dir / "baselines",
+            on_event=logger.info,
+        )
+    evaluation = Evaluation(scored.adapter, scored.baseline, loss, scored.wall_time_s)
+    run.tracker.set_tags({"eval/devices": f"{lease.kind}:{devices}"})
+    samples = sample_rows(evaluation, settings.eval.samples)
+    record_evaluation(run.tracker, evaluation, samples)
+    run.tracker.log_artifact(run.logs_dir / "eval.log", "logs")
+    if samples:
+        create_table_artifact(table=samples, key=SAMPLES_ARTIFACT_KEY, description=_summary(evaluation))
+    logger.info(_summary(evaluation))
+    return evaluation
+
+
+def _training_loss(trained: Trained) -> dict[str, float]:
+    """eval_loss and perplexity the training wrote (train_* figures are the train task's to log)."""
     results = read_results(trained.output_dir)
     if not math.isfinite(results.get("eval_loss", math.nan)):
         raise ValueError(f"{trained.output_dir}/all_results.json holds no finite eval_loss: {results}")
-    # train_loss, train_runtime and the rates there describe the last attempt alone; the train task has logged the
-    # whole training's.
-    evaluation = {key: value for key, value in results.items() if not key.startswith("train_")}
-    run.tracker.log_metrics((key, value, 0) for key, value in evaluation.items())
-    get_run_logger().info("eval_loss %.4f, perplexity %.2f", results["eval_loss"], results["perplexity"])
-    return evaluation
+    return {key: value for key, value in results.items() if not key.startswith("train_")}
+
+
+def _summary(evaluation: Evaluation) -> str:
+    if evaluation.adapter is None:
+        return "generation scoring is off (eval.enabled: false)"
+    adapter = evaluation.adapter.metrics
+    line = f"adapter BLEU-4 {adapter['bleu_4']:.2f}, ROUGE-L {adapter['rouge_l']:.2f}"
+    if evaluation.baseline is not None:
+        base = evaluation.baseline.scores.metrics
+        source = "reused" if evaluation.baseline.reused else "computed"
+        line += (
+            f"; base model ({source}) BLEU-4 {base['bleu_4']:.2f}, ROUGE-L {base['rouge_l']:.2f}; "
+            f"gain ROUGE-L {adapter['rouge_l'] - base['rouge_l']:+.2f}"
+        )
+    loss = evaluation.loss
+    if "eval_loss" in loss:
+        line += f"; eval_loss {loss['eval_loss']:.4f}, perplexity {loss.get('perplexity', math.nan):.2f}"
+    return line

@@ -19,6 +19,7 @@ from prefect.logging import get_logger
 from prefect.runtime import flow_run
 
 from npu_sft.llamafactory_config import loggable_params
+from npu_sft.reevaluation import run_dir_of
 from npu_sft.runs import RunContext
 from npu_sft.settings import ConfigError, Pipeline, load_pipeline
 from npu_sft.tracking import FLOW_RUN_TAG, RunTracker, end_runs_of_flow_run
@@ -33,11 +34,22 @@ def start_tracking(pipeline: Pipeline) -> RunContext:
     if flow_run_id:
         tags[FLOW_RUN_TAG] = flow_run_id
     tracker = RunTracker.start(settings.mlflow, run_name=f"{settings.name}-{flow_run.get_name() or 'local'}", tags=tags)
-    run_dir = pipeline.state_dir / "runs" / tracker.run_id
+    run_dir = run_dir_of(pipeline, tracker.run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker.log_params(loggable_params(pipeline.llamafactory))
     get_run_logger().info("MLflow run %s, working directory %s", tracker.run_id, run_dir)
     return RunContext(tracker, run_dir, flow_run_id)
+
+
+@task
+def attach_tracking(pipeline: Pipeline, run_id: str) -> RunContext:
+    """An earlier pipeline run's MLflow run and working directory, to record into again (`npu-sft evaluate`); its
+    status stays as the pipeline run left it."""
+    tracker = RunTracker(pipeline.settings.mlflow, run_id)
+    flow_run_id = flow_run.get_id()
+    if flow_run_id:
+        tracker.set_tags({"eval/flow_run_id": flow_run_id})
+    return RunContext(tracker, run_dir_of(pipeline, run_id), flow_run_id)
 
 
 def _end_tracking(flow_run: FlowRun, status: int, reason: str | None) -> None:

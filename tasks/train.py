@@ -15,6 +15,7 @@ from npu_sft.datasets import PreparedData
 from npu_sft.devices import lease_devices, processes_on_devices
 from npu_sft.engine import DistributedLaunch
 from npu_sft.llamafactory_config import resolve_train_config, write_config
+from npu_sft.reevaluation import RUN_CONFIG
 from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline
 from npu_sft.tracking import StepMetricSink
@@ -34,6 +35,11 @@ class Trained:
     config_file: Path
     wall_time_s: float
     figures: dict[str, float]  # the whole training's, across its attempts (train_loss, train/samples_per_s, ...)
+
+    @classmethod
+    def found_in(cls, run: RunContext) -> Trained:
+        """An earlier run's training outputs, as the train task left them in its working directory."""
+        return cls(run.output_dir, run.run_dir / RUN_CONFIG, wall_time_s=0.0, figures={})
 
 
 class ProgressReporter:
@@ -68,7 +74,7 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
         data_args=data.llamafactory_args(),
         output_dir=run.output_dir,
     )
-    config_file = write_config(config, run.run_dir / "llamafactory.yaml")
+    config_file = write_config(config, run.run_dir / RUN_CONFIG)
     run.tracker.log_artifact(config_file, "config")
     # Typed as "UUID or coroutine" because of Prefect's sync/async dispatch; called from sync code it is a UUID.
     progress_id = cast(UUID, create_progress_artifact(0.0, key=None, description="training progress (percent of steps)"))

@@ -122,3 +122,60 @@ def test_failed_training_releases_its_devices_and_fails_the_mlflow_run(tmp_path:
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("sft-broken").experiment_id])
     assert [run.info.status for run in runs] == ["FAILED"]
+
+
+def test_evaluation_scores_the_adapter_against_the_base_model(demo_run: dict) -> None:
+    client: MlflowClient = demo_run["client"]
+    (run,) = client.search_runs([client.get_experiment_by_name("sft-tiny").experiment_id])
+    metrics = run.data.metrics
+    for name in ("bleu_4", "rouge_1", "rouge_2", "rouge_l"):
+        assert {f"eval/{name}", f"base/{name}", f"gain/{name}"} <= set(metrics), name
+        assert metrics[f"gain/{name}"] == pytest.approx(metrics[f"eval/{name}"] - metrics[f"base/{name}"])
+    # The tiny base model knows no name; the adapter learned the identity set.
+    assert metrics["eval/rouge_l"] > metrics["base/rouge_l"]
+    # The scores are LLaMA-Factory's own, from its predict_results.json.
+    engine = json.loads((demo_run["project"] / ".npu-sft" / "runs" / run.info.run_id / "eval" / "adapter" / "predict_results.json").read_text())
+    assert metrics["eval/rouge_l"] == pytest.approx(engine["predict_rouge-l"])
+    assert run.data.tags["eval/baseline"] == "computed"
+    assert run.data.tags["eval/devices"].startswith("cpu:")
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/adapter", "eval/base", "eval/samples.json"} <= artifacts
+    samples = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/samples.json")).read_text())
+    assert samples["columns"] == ["prompt", "reference", "base answer", "adapter answer"]
+    assert len(samples["data"]) == 8
+    assert "ROUGE-L adapter / base / gain" in demo_run["stdout"]
+
+
+def test_evaluating_the_registered_version_again_is_identical_and_reuses_the_baseline(
+    demo_run: dict, repo: Path, engine_python: Path
+) -> None:
+    client: MlflowClient = demo_run["client"]
+    (before,) = client.search_runs([client.get_experiment_by_name("sft-tiny").experiment_id])
+    completed = run_cli(
+        demo_run["project"], "evaluate", str(repo / "configs" / "tiny_cpu.yaml"), "--version", "1",
+        "--set", f"engine.python={engine_python}", "--set", f"devices.state_dir={demo_run['project'] / 'leases'}",
+    )
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    after = client.get_run(before.info.run_id)
+    # Greedy decoding: the same adapter on the same split scores the same, to the last digit.
+    for name in ("bleu_4", "rouge_1", "rouge_2", "rouge_l"):
+        assert after.data.metrics[f"eval/{name}"] == before.data.metrics[f"eval/{name}"], name
+        assert after.data.metrics[f"base/{name}"] == before.data.metrics[f"base/{name}"], name
+    assert after.data.tags["eval/baseline"] == "reused"
+    assert after.info.status == "FINISHED"  # the run keeps the status the pipeline gave it
+    eval_log = (demo_run["project"] / ".npu-sft" / "runs" / before.info.run_id / "logs" / "eval.log").read_text()
+    # Both evaluations scored the adapter; only the first started an engine process for the base model.
+    assert eval_log.count("===== npu-sft: scoring the adapter") == 2
+    assert eval_log.count("===== npu-sft: scoring the base model") == 1
+    assert "reused" in completed.stdout
+
+
+def test_evaluate_refuses_an_unknown_run_in_one_line(demo_run: dict, repo: Path, engine_python: Path) -> None:
+    completed = run_cli(
+        demo_run["project"], "evaluate", str(repo / "configs" / "tiny_cpu.yaml"), "--run", "0" * 32,
+        "--set", f"engine.python={engine_python}",
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [
+        f"npu-sft: error: --run {'0' * 32}: no such MLflow run in sqlite:///{demo_run['project']}/mlruns/mlflow.db"
+    ]

@@ -101,3 +101,23 @@ def test_every_config_starts_with_the_command_that_runs_it(repo: Path) -> None:
         first_lines = path.read_text().splitlines()[:3]
         assert first_lines[0].startswith("#"), path
         assert any("npu-sft " in line for line in first_lines), path
+
+
+def test_no_held_out_split_is_refused_at_load_naming_the_key(tiny_config: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(tiny_config, ["llamafactory.overrides.val_size=0"])
+    message = str(err.value)
+    assert "tiny_lora_sft.yaml: val_size: 0 leaves no held-out rows" in message
+    assert "\n" not in message
+
+
+def test_no_held_out_split_is_fine_without_the_eval_stage(tiny_config: Path) -> None:
+    pipeline = load_pipeline(tiny_config, ["llamafactory.overrides.val_size=0", "eval.enabled=false"])
+    assert pipeline.val_size == 0
+
+
+def test_eval_settings_are_validated_with_the_config(tiny_config: Path) -> None:
+    with pytest.raises(ConfigError, match=r"eval\.max_new_tokens: Input should be greater than or equal to 1"):
+        load_pipeline(tiny_config, ["eval.max_new_tokens=0"])
+    with pytest.raises(ConfigError, match=r"eval\.temprature: unknown key"):
+        load_pipeline(tiny_config, ["eval.temprature=0.5"])
