@@ -15,6 +15,7 @@ test: setup
 
 bench: setup
 	.venv/bin/python benchmarks/bench_train_overhead.py
+	.venv/bin/python benchmarks/bench_eval_overhead.py
 
 up: setup
 	scripts/up

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from npu_sft.datasets import prepare_datasets
@@ -53,7 +54,7 @@ def free_port() -> int:
 
 
 def generate_config(
-    work: Path, engine_python: str, epochs: int, name: str = "llamafactory.yaml"
+    work: Path, engine_python: str, epochs: int, name: str = "llamafactory.yaml", overrides: Sequence[str] = ()
 ) -> tuple[EngineSettings, Path, Path]:
     """The YAML the train task would write for the demo pipeline, with `epochs` epochs."""
     pipeline = load_pipeline(
@@ -62,6 +63,7 @@ def generate_config(
             f"engine.python={engine_python}",
             f"state_dir={work / '.npu-sft'}",
             f"llamafactory.overrides.num_train_epochs={epochs}",
+            *overrides,
         ],
     )
     engine = pipeline.settings.engine

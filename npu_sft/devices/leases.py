@@ -21,11 +21,14 @@ from npu_sft.devices.errors import DeviceBusyError, DeviceError
 from npu_sft.devices.inventory import CommandRunner, NpuCountProbe, run_probe, take_inventory
 from npu_sft.devices.models import VISIBLE_DEVICES_VAR, DeviceKind, Inventory
 from npu_sft.devices.records import (
+    LeaseEvent,
     LeaseRecord,
+    append_history,
     device_lock_path,
     port_lock_path,
     prepare_state_dir,
     publish_record,
+    read_history,
     read_live_records,
     try_lock,
     unlock,
@@ -300,8 +303,11 @@ def _finish_lease(
             master_port=master_port,
         )
         alive_fd = publish_record(state_dir, record)
-        # Closing the stack runs callbacks last-in first-out: the record goes before the port and devices.
+        append_history(state_dir, "acquired", record)
+        # Closing the stack runs callbacks last-in first-out: the history line, then the record, go before the port
+        # and the devices, so a lease taken on the freed cards is always written after this one's release.
         locks.callback(withdraw_record, state_dir, record.lease_id, alive_fd)
+        locks.callback(append_history, state_dir, "released", record)
         held = locks.pop_all()
     return Lease(
         kind=kind,
@@ -342,6 +348,11 @@ def lease_devices(
         yield lease
     finally:
         lease.release()
+
+
+def lease_history(settings: DeviceSettings) -> list[LeaseEvent]:
+    """Every lease taken and given back on this host's state dir, oldest first."""
+    return read_history(Path(settings.state_dir).absolute())
 
 
 def current_leases(settings: DeviceSettings) -> list[LeaseRecord]:

@@ -5,6 +5,8 @@ Layout (all under one state dir per host):
     ports/<port>.lock         flock'd by the lease holder: its MASTER_PORT is reserved for it
     leases/<lease_id>.json    what the lease is (for display and to tell our processes from others)
     leases/<lease_id>.lock    flock'd by the holder while the lease lives; lockable by anyone else = holder died
+    history.jsonl             one line per lease taken and per lease given back (a killed holder writes no
+                              "released" line): which task held which cards when, after the fact
 
 The kernel drops a flock when its holder dies, so a SIGKILLed holder's cards free themselves; its record is
 recognised as stale because its .lock can be taken, and removed by whoever reads it next.
@@ -18,6 +20,7 @@ import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from npu_sft.devices.errors import DeviceError
@@ -26,6 +29,7 @@ from npu_sft.devices.models import DeviceKind
 DEVICE_LOCKS_SUBDIR = "locks"
 PORT_LOCKS_SUBDIR = "ports"
 LEASES_SUBDIR = "leases"
+HISTORY_FILE = "history.jsonl"
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,40 @@ def withdraw_record(state_dir: Path, lease_id: str, alive_fd: int) -> None:
     json_path.unlink(missing_ok=True)
     lock_path.unlink(missing_ok=True)
     unlock(alive_fd)
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    event: str  # "acquired" or "released"
+    at: str  # ISO 8601, UTC, milliseconds
+    record: LeaseRecord
+
+
+def append_history(state_dir: Path, event: str, record: LeaseRecord) -> None:
+    """One line in history.jsonl, written with a single O_APPEND write so that lines of concurrent holders never
+    interleave."""
+    at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    line = json.dumps({"event": event, "at": at, **asdict(record)}) + "\n"
+    fd = os.open(state_dir / HISTORY_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def read_history(state_dir: Path) -> list[LeaseEvent]:
+    path = state_dir / HISTORY_FILE
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        data = json.loads(line)
+        event, at = data.pop("event"), data.pop("at")
+        data["ids"] = tuple(data["ids"])
+        events.append(LeaseEvent(event, at, LeaseRecord(**data)))
+    return events
 
 
 def read_live_records(state_dir: Path) -> list[LeaseRecord]:

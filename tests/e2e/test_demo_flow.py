@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from npu_sft.devices import DeviceSettings, current_leases
+from npu_sft.devices import DeviceSettings, current_leases, lease_history
 
 pytestmark = pytest.mark.e2e
 
@@ -108,6 +108,13 @@ def test_mlflow_run_holds_the_dataset_statistics(demo_run: dict) -> None:
 
 def test_train_and_serve_leases_are_released(demo_run: dict) -> None:
     assert live_leases(demo_run["project"] / "leases") == []
+
+
+def test_evaluation_holds_its_own_lease_taken_after_the_training_gave_its_back(demo_run: dict) -> None:
+    history = lease_history(DeviceSettings(kind="cpu", state_dir=demo_run["project"] / "leases"))
+    # The demo trains on both CPU devices and evaluates on one (devices.train: 2, devices.eval: 1).
+    steps = [(event.event, event.record.task, len(event.record.ids)) for event in history]
+    assert steps[:4] == [("acquired", "train", 2), ("released", "train", 2), ("acquired", "eval", 1), ("released", "eval", 1)]
 
 
 def test_failed_training_releases_its_devices_and_fails_the_mlflow_run(tmp_path: Path, engine_python: Path) -> None:

@@ -23,6 +23,7 @@ from npu_sft.devices import (
     acquire_lease,
     current_leases,
     lease_devices,
+    lease_history,
 )
 from npu_sft.devices import leases as leases_module
 from npu_sft.devices.records import LEASES_SUBDIR, device_lock_path, try_lock, unlock
@@ -119,6 +120,29 @@ def test_a_lease_is_released_when_the_task_fails(tmp_path: Path, npu_host: Path)
     with lease_devices(settings, task="train", environ={}) as again:
         assert again.ids == tuple(range(8))
     assert list((tmp_path / "state" / LEASES_SUBDIR).iterdir()) == []
+
+
+def test_the_history_shows_the_train_lease_given_back_before_the_eval_lease_is_taken(
+    tmp_path: Path, npu_host: Path
+) -> None:
+    settings = settings_for(tmp_path, train=8, eval=2)
+    with lease_devices(settings, task="train", flow_run_id="run-1", environ={}):
+        pass
+    with lease_devices(settings, task="eval", flow_run_id="run-1", environ={}) as evaluation:
+        assert evaluation.ids == (0, 1)  # cards the training held: free only because it gave them back
+    with pytest.raises(RuntimeError), lease_devices(settings, task="serve", environ={}):
+        raise RuntimeError("the server did not start")
+    history = [(event.event, event.record.task, event.record.ids) for event in lease_history(settings)]
+    assert history == [
+        ("acquired", "train", tuple(range(8))),
+        ("released", "train", tuple(range(8))),
+        ("acquired", "eval", (0, 1)),
+        ("released", "eval", (0, 1)),
+        ("acquired", "serve", (0,)),
+        ("released", "serve", (0,)),
+    ]
+    times = [event.at for event in lease_history(settings)]
+    assert times == sorted(times)
 
 
 def test_release_is_idempotent(tmp_path: Path, cpu_host: Path) -> None:
