@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from prefect import flow
 
+from npu_sft.publishing import Published
 from npu_sft.settings import load_pipeline
 from tasks.evaluate import evaluate
 from tasks.model import fetch_model
@@ -25,7 +26,7 @@ from tasks.validate import check_engine_config
 class SftResult:
     mlflow_run_id: str
     metrics: dict[str, float]
-    model_version: str | None
+    published: Published | None
     served_reply: str | None
 
 
@@ -41,6 +42,6 @@ def sft(config: str, overrides: list[str] | None = None) -> SftResult:
     trained = train(pipeline, run, model_path, data)
     evaluation = evaluate(pipeline, run, trained)
     metrics = {**trained.figures, **evaluation.metrics()}
-    version = publish(pipeline, run, trained)
+    published = publish(pipeline, run, trained, evaluation)
     reply = serve_smoke_test(pipeline, run, model_path, trained) if pipeline.settings.serve.enabled else None
-    return SftResult(run.mlflow_run_id, metrics, version, reply)
+    return SftResult(run.mlflow_run_id, metrics, published, reply)

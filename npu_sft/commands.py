@@ -48,8 +48,10 @@ def run_flow(args: argparse.Namespace) -> int:
         if key in result.metrics:
             summary.add_row(key, f"{result.metrics[key]:.4f}")
     _add_score_rows(summary, result.metrics)
-    if result.model_version is not None:
-        summary.add_row("registered model", f"{pipeline.settings.publish.registered_model} version {result.model_version}")
+    if (published := result.published) is not None:
+        verdict = "champion" if published.decision.promote else "candidate"
+        summary.add_row("registered model", f"{published.name} version {published.version} ({verdict})")
+        summary.add_row("publish gate", published.decision.reason)
     if result.served_reply is not None:
         summary.add_row("served reply", repr(result.served_reply))
     console.print(summary)

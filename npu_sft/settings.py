@@ -19,6 +19,7 @@ from npu_sft.devices import DeviceSettings
 from npu_sft.download import ModelSource
 from npu_sft.engine import EngineSettings
 from npu_sft.evaluation.settings import EvalSettings
+from npu_sft.gate import GateSettings
 
 
 LLAMAFACTORY_DEFAULT_CUTOFF_LEN = 2048
@@ -71,6 +72,7 @@ class MlflowSettings(_Strict):
 class PublishSettings(_Strict):
     enabled: bool = True
     registered_model: str
+    gate: GateSettings = Field(default_factory=GateSettings)
 
 
 class ServeSettings(_Strict):
@@ -244,7 +246,21 @@ def load_pipeline(config_file: str | Path, overrides: list[str] | None = None) -
     )
     _check_datasets_defined(pipeline)
     _check_eval_split(pipeline)
+    _check_gate(pipeline)
     return pipeline
+
+
+def _check_gate(pipeline: Pipeline) -> None:
+    settings = pipeline.settings
+    gate = settings.publish.gate
+    # Only a gain asked for in the config is refused; by default a run without base scores just stays candidate.
+    if settings.publish.enabled and "min_gain" in gate.model_fields_set and gate.min_gain is not None and not (
+        settings.eval.enabled and settings.eval.baseline
+    ):
+        raise ConfigError(
+            f"{pipeline.config_file}: publish.gate.min_gain: needs the base model's scores; set eval.baseline: true "
+            "(and eval.enabled: true), or publish.gate.min_gain: null"
+        )
 
 
 def _check_eval_split(pipeline: Pipeline) -> None:

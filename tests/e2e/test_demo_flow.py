@@ -68,6 +68,14 @@ def test_registered_version_holds_the_adapter(demo_run: dict, tmp_path: Path) ->
     client: MlflowClient = demo_run["client"]
     versions = client.search_model_versions("name='tiny-qwen2-lora'")
     assert len(versions) == 1
+    # The first adapter beats the base model and has no champion to beat: the gate promotes it.
+    aliases = client.get_registered_model("tiny-qwen2-lora").aliases
+    assert {alias: str(version) for alias, version in aliases.items()} == {"candidate": "1", "champion": "1"}
+    assert versions[0].tags["gate.verdict"] == "champion"
+    assert "tiny-qwen2-lora version 1 (champion)" in demo_run["stdout"]
+    assert "publish gate" in demo_run["stdout"]  # the reason, wrapped in the summary table
+    (run,) = client.search_runs([client.get_experiment_by_name("sft-tiny").experiment_id])
+    assert run.data.tags["publish/gate_reason"].endswith("no champion yet: promoted to champion")
     mlflow.set_tracking_uri(demo_run["uri"])
     mlflow.set_registry_uri(demo_run["uri"])
     local = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-qwen2-lora/{versions[0].version}", dst_path=str(tmp_path)))

@@ -121,3 +121,9 @@ def test_eval_settings_are_validated_with_the_config(tiny_config: Path) -> None:
         load_pipeline(tiny_config, ["eval.max_new_tokens=0"])
     with pytest.raises(ConfigError, match=r"eval\.temprature: unknown key"):
         load_pipeline(tiny_config, ["eval.temprature=0.5"])
+
+
+def test_a_gain_gate_without_base_model_scores_is_refused_at_load(tiny_config: Path) -> None:
+    with pytest.raises(ConfigError, match=r"publish\.gate\.min_gain: needs the base model's scores; set eval\.baseline"):
+        load_pipeline(tiny_config, ["eval.baseline=false", "publish.gate.min_gain=1.0"])
+    assert load_pipeline(tiny_config, ["eval.baseline=false"]).settings.publish.gate.min_gain == 0.0
