@@ -1,6 +1,6 @@
 """The `serve` flow: a registered adapter version through LLaMA-Factory's OpenAI-compatible API.
 
-    prefect deployment run serve/tiny --watch                  # smoke test of the latest tiny-qwen2-lora version
+    prefect deployment run serve/tiny --watch                  # smoke test of the tiny-qwen2-lora champion
     prefect deployment run serve/qwen7b -p model_version=3     # keep serving version 3 until the run is cancelled
 """
 
@@ -31,11 +31,12 @@ class ServeResult:
 def serve(
     config: str,
     overrides: list[str] | None = None,
-    model_version: str = "latest",
+    model_version: str = "champion",
     keep_serving: bool = False,
     port: int = 8000,
 ) -> ServeResult:
-    """Serve `model_version` ("latest" or a number) of the config's `publish.registered_model`.
+    """Serve `model_version` of the config's `publish.registered_model`: the version the publish gate made
+    `champion` (default), another alias, `latest`, or a version number.
 
     keep_serving=False: smoke test (start on loopback, refuse a wrong key, answer `serve.prompt`, stop).
     keep_serving=True: serve on `serve.host`:`port` until the flow run is cancelled; clients send the key the

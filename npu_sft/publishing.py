@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from npu_sft.gate import Champion, GateDecision, GateSettings, decide
+from npu_sft.registry import CHAMPION
 from npu_sft.tracking import RunTracker
 
 CANDIDATE = "candidate"
-CHAMPION = "champion"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from npu_sft.settings import MlflowSettings
 from npu_sft.tracking import client_for, tracking_uri
 
 LATEST = "latest"
+CHAMPION = "champion"  # the alias the publish gate gives a version that passed it
 ADAPTER_MARKER = "adapter_config.json"  # what makes a directory a PEFT adapter
 
 
@@ -21,9 +22,10 @@ class RegistryError(LookupError):
 
 
 def resolve_version(settings: MlflowSettings, name: str, version: str) -> str:
-    """`latest` becomes the highest version number; an explicit version is checked to exist."""
+    """A version number (checked to exist), `latest` (the highest number), or an alias such as `champion` (also
+    written `@champion`), which the publish gate moves."""
     client = client_for(settings)
-    if version != LATEST:
+    if version.isdigit():
         try:
             client.get_model_version(name, version)
         except MlflowException as err:
@@ -36,7 +38,17 @@ def resolve_version(settings: MlflowSettings, name: str, version: str) -> str:
         raise RegistryError(
             f"registered model {name!r} has no versions in {tracking_uri(settings)}: run the sft flow first"
         )
-    return str(max(int(v.version) for v in versions))
+    if version == LATEST:
+        return str(max(int(v.version) for v in versions))
+    alias = version.removeprefix("@")
+    aliased = client.get_registered_model(name).aliases.get(alias)
+    if aliased is None:
+        raise RegistryError(
+            f"registered model {name!r} has no version with alias {alias!r}"
+            + (" (no version has passed the publish gate yet)" if alias == CHAMPION else "")
+            + f"; give a version number or {LATEST}"
+        )
+    return str(aliased)
 
 
 def run_of_version(settings: MlflowSettings, name: str, version: str) -> str:

@@ -40,6 +40,17 @@ def test_latest_is_the_highest_version(store: MlflowSettings) -> None:
     assert registry.resolve_version(store, MODEL, "1") == "1"
 
 
+def test_an_alias_names_the_version_the_publish_gate_promoted(store: MlflowSettings) -> None:
+    with pytest.raises(RegistryError, match="no version with alias 'champion' \\(no version has passed the publish gate"):
+        registry.resolve_version(store, MODEL, "champion")
+    client_for(store).set_registered_model_alias(MODEL, "champion", "1")
+    try:
+        assert registry.resolve_version(store, MODEL, "champion") == "1"
+        assert registry.resolve_version(store, MODEL, "@champion") == "1"
+    finally:
+        client_for(store).delete_registered_model_alias(MODEL, "champion")
+
+
 def test_missing_versions_and_models_are_clear_errors(store: MlflowSettings) -> None:
     with pytest.raises(RegistryError, match="no version 9"):
         registry.resolve_version(store, MODEL, "9")
