@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +29,9 @@ from pathlib import Path
 import yaml
 
 from bench_train_overhead import REPO, free_port, generate_config
+from bench_train_overhead import run_bare as run_bare_train
 from npu_sft.devices import DeviceSettings, lease_devices
-from npu_sft.engine import DistributedLaunch, EngineSettings, bare_train_command
+from npu_sft.engine import DistributedLaunch, EngineSettings
 from npu_sft.evaluation import EnginePredictor, EvalSettings, predict_config
 from npu_sft.training import RetryPolicy, launch_env, run_training
 
@@ -81,30 +80,9 @@ def run_pipeline_path(engine: EngineSettings, config: dict, work: Path, name: st
 
 
 def run_bare(engine: EngineSettings, config: dict, work: Path, name: str) -> float:
-    output_dir = work / name
     config_file = work / f"{name}.yaml"
-    config_file.write_text(yaml.safe_dump({**config, "output_dir": str(output_dir)}, sort_keys=False), encoding="utf-8")
-    command = bare_train_command(
-        engine,
-        config_file,
-        env={
-            "FORCE_TORCHRUN": "1",
-            "NPROC_PER_NODE": "1",
-            "MASTER_PORT": str(free_port()),
-            "ACCELERATE_TORCH_DEVICE": "cpu",
-            "PATH": f"{Path(engine.python).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        },
-    )
-    started = time.monotonic()
-    # Deliberately not npu_sft.process: the baseline is the engine alone, its output going straight to a file.
-    with (work / f"{name}.log").open("wb") as log:
-        completed = subprocess.run(
-            command.argv, env={**os.environ, **command.env}, stdout=log, stderr=subprocess.STDOUT, check=False
-        )
-    elapsed = time.monotonic() - started
-    if completed.returncode != 0:
-        raise RuntimeError(f"bare llamafactory-cli train (predict) failed with exit code {completed.returncode}; see {log.name}")
-    return elapsed
+    config_file.write_text(yaml.safe_dump({**config, "output_dir": str(work / name)}, sort_keys=False), encoding="utf-8")
+    return run_bare_train(engine, config_file, work, name, nproc=1, env={"ACCELERATE_TORCH_DEVICE": "cpu"})
 
 
 def main() -> int:

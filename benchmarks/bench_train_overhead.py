@@ -127,16 +127,20 @@ def run_pipeline_path(
     return elapsed, figures.get("train/loop_time_s", 0.0)
 
 
-def run_bare(engine: EngineSettings, config_file: Path, work: Path, name: str) -> float:
+def run_bare(
+    engine: EngineSettings, config_file: Path, work: Path, name: str, nproc: int = 2, env: dict[str, str] | None = None
+) -> float:
+    """Wall time of `FORCE_TORCHRUN=1 NPROC_PER_NODE=nproc llamafactory-cli train CONFIG`, output to a file."""
     command = bare_train_command(
         engine,
         config_file,
         env={
             "FORCE_TORCHRUN": "1",
-            "NPROC_PER_NODE": "2",
+            "NPROC_PER_NODE": str(nproc),
             "MASTER_PORT": str(free_port()),
             # llamafactory-cli runs `torchrun` from PATH: the engine env's own.
             "PATH": f"{Path(engine.python).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            **(env or {}),
         },
     )
     started = time.monotonic()
