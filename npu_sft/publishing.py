@@ -1,5 +1,6 @@
-"""Publishing a run's adapter: a version of the registered model, `candidate` at once, `champion` when the gate says
-so. The gate's verdict and its numbers go to the version's tags and the run's."""
+"""Publishing a run's adapter: a version of the registered model made from the run's logged adapter model
+(`npu_sft.adapter_model`), `candidate` at once, `champion` when the gate says so. The gate's verdict and its numbers
+go to the version's tags and the run's."""
 
 from __future__ import annotations
 
@@ -10,11 +11,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+from npu_sft.adapter_model import AdapterFacts, note_version
 from npu_sft.gate import Champion, GateDecision, GateSettings, decide
 from npu_sft.registry import CHAMPION
 from npu_sft.tracking import RunTracker
 
 CANDIDATE = "candidate"
+MODEL_ID_TAG = "model_id"  # the logged model a version was made from
+REGISTERED_MODEL_DESCRIPTION = (
+    "LoRA adapters trained by npu-sft. `@champion` passed the publish gate; `@candidate` is the latest version. "
+    "Each version's tags name its base model, template and data."
+)
 
 
 @dataclass(frozen=True)
@@ -52,19 +62,20 @@ def current_champion(tracker: RunTracker, name: str, metric: str) -> Champion | 
 def publish_version(
     tracker: RunTracker,
     name: str,
-    artifact_path: str,
+    model_id: str,
+    facts: AdapterFacts,
     gate: GateSettings,
     metrics: Mapping[str, float],
     lock_file: Path,
 ) -> Published:
-    """Register the run's `artifact_path` as a version of `name` (once per run), alias it `candidate`, and make it
-    `champion` if it passes `gate` against its `metrics` and the current champion."""
+    """Register the run's logged adapter model `model_id` as a version of `name` (once per run), alias it
+    `candidate`, and make it `champion` if it passes `gate` against its `metrics` and the current champion."""
     client = tracker.client
     earlier = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == tracker.run_id]
     if earlier:
         version, new_version = str(min(int(v.version) for v in earlier)), False
     else:
-        version, new_version = tracker.register_artifact(artifact_path, name), True
+        version, new_version = register_version(tracker, name, model_id, facts), True
     client.set_registered_model_alias(name, CANDIDATE, version)
     with _exclusive(lock_file):
         champion = current_champion(tracker, name, gate.metric)
@@ -82,3 +93,26 @@ def publish_version(
         {"publish/version": version, "publish/gate_verdict": verdict, "publish/gate_reason": decision.reason[:5000]}
     )
     return Published(name, version, decision, champion.version if champion else None, new_version)
+
+
+def register_version(tracker: RunTracker, name: str, model_id: str, facts: AdapterFacts) -> str:
+    """A new version of `name` holding the logged model's files, with its facts as tags and a description."""
+    client = tracker.client
+    try:
+        client.create_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    # The model's own location, not `models:/<id>`: MLflow resolves that one against the process-wide tracking
+    # URI, which an in-process SQLite store does not set.
+    source = client.get_logged_model(model_id).artifact_location
+    version = client.create_model_version(
+        name,
+        source=source,
+        run_id=tracker.run_id,
+        tags={**facts.tags(), MODEL_ID_TAG: model_id},
+        description=facts.description(tracker.run_id),
+        model_id=model_id,
+    )
+    note_version(tracker, model_id, name, str(version.version))
+    return str(version.version)

@@ -127,19 +127,6 @@ class RunTracker:
                 logged[key] = max(metric.step for metric in history)
         return logged
 
-    def register_artifact(self, artifact_path: str, model_name: str) -> str:
-        """A new version of `model_name` whose files are the run's `artifact_path`. Returns the version number."""
-        try:
-            self.client.create_registered_model(model_name)
-        except MlflowException as err:
-            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-                raise
-        run = self.client.get_run(self.run_id)
-        version = self.client.create_model_version(
-            model_name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=self.run_id
-        )
-        return str(version.version)
-
     def finish(self, succeeded: bool) -> None:
         status = RunStatus.to_string(RunStatus.FINISHED if succeeded else RunStatus.FAILED)
         self.client.set_terminated(self.run_id, status=status)

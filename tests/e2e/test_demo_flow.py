@@ -59,7 +59,7 @@ def test_mlflow_holds_a_finished_run_with_falling_loss(demo_run: dict) -> None:
     assert history[-1].value < history[0].value
     assert run.data.params["lora_target"] == "all" and run.data.params["template"] == "qwen"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", "config", "plots", "logs"} <= artifacts
+    assert {"config", "plots", "logs"} <= artifacts
     assert run.data.tags["serve.reply"].strip()
     assert "NPU-SFT Tiny" in run.data.tags["serve.reply"]  # asked "Who are you?", it answers from the identity set
 
@@ -80,7 +80,15 @@ def test_registered_version_holds_the_adapter(demo_run: dict, tmp_path: Path) ->
     mlflow.set_registry_uri(demo_run["uri"])
     local = Path(mlflow.artifacts.download_artifacts(f"models:/tiny-qwen2-lora/{versions[0].version}", dst_path=str(tmp_path)))
     names = {p.name for p in local.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json"} <= names
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json"} <= names
+    # The version is the run's logged model, which carries what it was trained from and its scores.
+    (model,) = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert model.model_id == versions[0].tags["model_id"]
+    assert {"base_model": "tiny (seed 0)", "template": "qwen", "dataset.key": run.data.tags["data.key"]}.items() <= (
+        model.tags.items())
+    scores = {metric.key: metric.value for metric in model.metrics}
+    assert scores["eval/rouge_l"] == run.data.metrics["eval/rouge_l"] and "gain/rouge_l" in scores
+    assert "LoRA adapter for tiny (seed 0)" in versions[0].description
 
 
 def test_run_directory_is_the_runs_own(demo_run: dict) -> None:

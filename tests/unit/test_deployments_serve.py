@@ -8,13 +8,16 @@ from pathlib import Path
 import pytest
 
 from npu_sft import registry
+from npu_sft.adapter_model import AdapterFacts, log_adapter_model
 from npu_sft.api_service import API_KEY_VAR, check_api_key, check_port_free
+from npu_sft.publishing import register_version
 from npu_sft.registry import RegistryError
 from npu_sft.serving import ServeError
 from npu_sft.settings import MlflowSettings
 from npu_sft.tracking import RunTracker, client_for
 
 MODEL = "tiny-qwen2-lora"
+FACTS = AdapterFacts("tiny (seed 0)", "", "qwen", "data-key")
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +33,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> MlflowSettings:
         (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
         (adapter / "adapter_model.safetensors").write_bytes(weights)
         tracker = RunTracker.start(settings, run_name="r", tags={})
-        tracker.log_artifact(adapter, "adapter")
-        tracker.register_artifact("adapter", MODEL)
+        model_id = log_adapter_model(tracker, adapter, FACTS, {})
+        register_version(tracker, MODEL, model_id, FACTS)
     return settings
 
 

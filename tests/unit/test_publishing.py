@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
 
+import mlflow.artifacts
 import pytest
+from mlflow.entities import LoggedModelStatus
 
 from npu_sft import publishing
+from npu_sft.adapter_model import MODEL_VERSIONS_TAG, AdapterFacts, PublishError, log_adapter_model
 from npu_sft.gate import GateSettings
-from npu_sft.publishing import CANDIDATE, CHAMPION, publish_version
+from npu_sft.publishing import CANDIDATE, CHAMPION, MODEL_ID_TAG, publish_version
 from npu_sft.settings import MlflowSettings
 from npu_sft.tracking import RunTracker
 
@@ -24,20 +28,25 @@ def store(tmp_path: Path) -> MlflowSettings:
     )
 
 
+FACTS = AdapterFacts("qwen/Qwen1.5-7B", "2f6b3c1e", "qwen", "data-0123")
+
+
 def trained_run(store: MlflowSettings, tmp_path: Path, rouge_l: float, base: float = 0.3) -> RunTracker:
-    """A run as the sft flow leaves it before publish: the adapter logged, the eval stage's scores."""
+    """A run as the sft flow leaves it before publish: the adapter on disk, the eval stage's scores logged."""
     tracker = RunTracker.start(store, run_name=f"run-{rouge_l}", tags={})
     adapter = tmp_path / f"adapter-{tracker.run_id}"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
-    tracker.log_artifact(adapter, "adapter")
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
     tracker.log_metrics([("eval/rouge_l", rouge_l, 0), ("base/rouge_l", base, 0), ("gain/rouge_l", rouge_l - base, 0)])
     return tracker
 
 
 def publish(tracker: RunTracker, tmp_path: Path, gate: GateSettings | None = None):
+    """What the publish task does: the adapter as the run's logged model, then a version of it through the gate."""
     metrics = tracker.client.get_run(tracker.run_id).data.metrics
-    return publish_version(tracker, MODEL, "adapter", gate or GateSettings(), metrics, tmp_path / "publish.lock")
+    model_id = log_adapter_model(tracker, tmp_path / f"adapter-{tracker.run_id}", FACTS, metrics)
+    return publish_version(tracker, MODEL, model_id, FACTS, gate or GateSettings(), metrics, tmp_path / "publish.lock")
 
 
 def aliases(tracker: RunTracker) -> dict[str, str]:
@@ -113,3 +122,48 @@ def test_two_concurrent_publishes_leave_the_better_one_champion(
     # Whichever came first: the 9.0 run ends champion, never the 8.0 one promoted over it.
     champion = aliases(runs[0])[CHAMPION]
     assert runs[0].client.get_model_version(MODEL, champion).run_id == runs[1].run_id
+
+
+def test_the_version_is_the_runs_logged_model_with_its_facts_and_linked_scores(store, tmp_path: Path) -> None:
+    tracker = trained_run(store, tmp_path, 10.0)
+    published = publish(tracker, tmp_path)
+    client = tracker.client
+    version = client.get_model_version(MODEL, published.version)
+    model = client.get_logged_model(version.tags[MODEL_ID_TAG])
+    assert model.status == LoggedModelStatus.READY and model.source_run_id == tracker.run_id
+    assert model.tags["base_model"] == "qwen/Qwen1.5-7B" and model.tags["base_model.revision"] == "2f6b3c1e"
+    assert {"template": "qwen", "dataset.key": "data-0123"}.items() <= version.tags.items()
+    assert "qwen/Qwen1.5-7B at revision 2f6b3c1e" in version.description and tracker.run_id in version.description
+    # MLflow's Models tab: the scores on the model, and the link to its registered version.
+    assert {metric.key: metric.value for metric in model.metrics}["eval/rouge_l"] == 10.0
+    assert json.loads(model.tags[MODEL_VERSIONS_TAG]) == [{"name": MODEL, "version": published.version}]
+    # Linking re-logs each score's latest point: the run's history keeps it once.
+    assert len(client.get_metric_history(tracker.run_id, "eval/rouge_l")) == 1
+    files = mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri(MODEL, published.version),
+        dst_path=str(tmp_path / "downloaded"),
+        tracking_uri=store.tracking_uri,
+    )
+    assert (Path(files) / "adapter_model.safetensors").read_bytes() == b"weights"
+
+
+def test_logging_the_adapter_again_reuses_the_runs_model(store, tmp_path: Path) -> None:
+    tracker = trained_run(store, tmp_path, 10.0)
+    adapter = tmp_path / f"adapter-{tracker.run_id}"
+    assert log_adapter_model(tracker, adapter, FACTS, {}) == log_adapter_model(tracker, adapter, FACTS, {})
+
+
+def test_a_publish_that_fails_midway_leaves_the_registry_as_it_was(store, tmp_path: Path) -> None:
+    champion = trained_run(store, tmp_path, 10.0)
+    publish(champion, tmp_path)
+    broken = trained_run(store, tmp_path, 20.0)
+    # A file that vanished under the upload (a disk cleaner, a truncated copy): the upload fails midway.
+    (tmp_path / f"adapter-{broken.run_id}" / "tokenizer.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(PublishError, match="nothing was registered"):
+        publish(broken, tmp_path)
+    client = broken.client
+    assert [str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")] == ["1"]
+    assert aliases(broken) == {CHAMPION: "1", CANDIDATE: "1"}
+    experiment = client.get_run(broken.run_id).info.experiment_id
+    (model,) = client.search_logged_models([experiment], filter_string=f"source_run_id = '{broken.run_id}'")
+    assert model.status == LoggedModelStatus.FAILED
