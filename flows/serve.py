@@ -11,13 +11,8 @@ from dataclasses import dataclass
 from prefect import flow
 
 from npu_sft.settings import load_pipeline
-from tasks.serve_registered import (
-    fetch_base_model,
-    fetch_registered_adapter,
-    resolve_registered_version,
-    serve_until_cancelled,
-    smoke_serve,
-)
+from tasks.registry import fetch_registered_adapter, resolve_registered_version
+from tasks.serve_registered import fetch_base_model, serve_until_cancelled, smoke_serve
 
 
 @dataclass(frozen=True)
@@ -45,7 +40,7 @@ def serve(
     pipeline = load_pipeline(config, overrides)
     name = pipeline.settings.publish.registered_model
     version = resolve_registered_version(pipeline.settings.mlflow, name, model_version)
-    adapter_path = fetch_registered_adapter(pipeline, name, version)
+    adapter_path = fetch_registered_adapter(pipeline, name, version).path
     model_path = fetch_base_model(pipeline)
     if keep_serving:
         serve_until_cancelled(pipeline, model_path, adapter_path, port)

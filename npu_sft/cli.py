@@ -4,6 +4,7 @@
     npu-sft run configs/qwen7b.yaml --set devices.train=4
     npu-sft plan configs/qwen7b.yaml               # validate and show what would run, starting nothing
     npu-sft evaluate configs/tiny_cpu.yaml --run RUN_ID   # score an earlier run's adapter again
+    npu-sft evaluate configs/tiny_cpu.yaml --version champion   # the champion, as the registry holds it
     npu-sft prepare configs/tiny_cpu.yaml          # dataset preparation alone
     npu-sft devices                                # device inventory and current leases
 """
@@ -53,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     again = with_config("evaluate", "score an earlier run's adapter again with the current eval settings, into that run")
     target = again.add_mutually_exclusive_group(required=True)
     target.add_argument("--run", metavar="RUN_ID", help="the MLflow run of a pipeline run on this host")
-    target.add_argument("--version", metavar="N", help="a version of publish.registered_model (or `latest`)")
+    target.add_argument("--version", metavar="N",
+                        help="a version of publish.registered_model (a number, latest, champion), scored from the registry's files")
     with_config("plan", "validate a config and print the engine config, devices and command, starting nothing")
     with_config("prepare", "run dataset preparation alone and print its statistics and rejects")
     devices = commands.add_parser("devices", help="show the device inventory and current leases")

@@ -61,15 +61,21 @@ def run_flow(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from npu_sft.reevaluation import find_run_to_evaluate
+    from npu_sft.reevaluation import find_evaluation_target
 
     pipeline = load_pipeline(args.config, args.overrides)
-    run_id = find_run_to_evaluate(pipeline, args.run, args.version)  # before Prefect starts anything
+    target = find_evaluation_target(pipeline, args.run, args.version)  # before Prefect starts anything
     from flows.evaluate import evaluate_again
 
-    evaluation = evaluate_again(str(pipeline.config_file), run_id, args.overrides)
+    evaluation = evaluate_again(str(pipeline.config_file), target.run_id, args.overrides, target.version)
     summary = Table(title=f"evaluate: {pipeline.settings.name}", show_header=False)
-    summary.add_row("MLflow run", run_id)
+    summary.add_row("MLflow run", target.run_id)
+    if target.version is None:
+        summary.add_row("adapter scored", "the run's output directory")
+    else:
+        name = pipeline.settings.publish.registered_model
+        asked = "" if args.version == target.version else f" ({args.version})"
+        summary.add_row("adapter scored", f"registry: {name} v{target.version}{asked}")
     _add_score_rows(summary, evaluation.metrics())
     if evaluation.baseline is not None:
         summary.add_row("base model scores", "reused" if evaluation.baseline.reused else "computed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow.artifacts
@@ -19,6 +20,19 @@ ADAPTER_MARKER = "adapter_config.json"  # what makes a directory a PEFT adapter
 
 class RegistryError(LookupError):
     """The registered model or version does not exist, or its files are not an adapter."""
+
+
+@dataclass(frozen=True)
+class RegisteredAdapter:
+    """A registered adapter version whose files are on this host."""
+
+    name: str
+    version: str  # a number, resolved from an alias or `latest`
+    path: Path
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
 
 
 def resolve_version(settings: MlflowSettings, name: str, version: str) -> str:

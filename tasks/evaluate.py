@@ -11,19 +11,26 @@ from prefect.artifacts import create_table_artifact
 from npu_sft.devices import lease_devices
 from npu_sft.engine import DistributedLaunch
 from npu_sft.evaluation import EnginePredictor, Evaluation, evaluate_adapter, record_evaluation, sample_rows
+from npu_sft.registry import RegisteredAdapter
 from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline
 from npu_sft.training import launch_env, read_results
 from tasks.train import Trained
 
 SAMPLES_ARTIFACT_KEY = "eval-samples"
+SOURCE_TAG = "eval/adapter_source"  # what the run's eval/* scores were computed from
+RUN_OUTPUT = "run output"
 
 
 @task
-def evaluate(pipeline: Pipeline, run: RunContext, trained: Trained) -> Evaluation:
+def evaluate(
+    pipeline: Pipeline, run: RunContext, trained: Trained, registered: RegisteredAdapter | None = None
+) -> Evaluation:
     """The adapter's answers on the held-out split against the references (BLEU-4, ROUGE-1/2/L, LLaMA-Factory's
     metric code), the base model's the same way (once per model, split and settings), and the gains; with the
-    training's eval_loss and perplexity. Runs on devices of its own: the training's were released before."""
+    training's eval_loss and perplexity. Runs on devices of its own: the training's were released before.
+
+    The adapter is the training's output, or `registered`: a version's files as the registry gave them back."""
     logger = get_run_logger()
     settings = pipeline.settings
     loss = _training_loss(trained)
@@ -45,21 +52,22 @@ def evaluate(pipeline: Pipeline, run: RunContext, trained: Trained) -> Evaluatio
         scored = evaluate_adapter(
             run_config,
             settings.eval,
-            adapter_dir=trained.output_dir,
-            out_dir=run.run_dir / "eval",
+            adapter_dir=trained.output_dir if registered is None else registered.path,
+            out_dir=run.run_dir / "eval" if registered is None else run.run_dir / f"eval-v{registered.version}",
             predict=predictor,
             engine=settings.engine,
             baseline_store=pipeline.state_dir / "baselines",
             on_event=logger.info,
         )
     evaluation = Evaluation(scored.adapter, scored.baseline, loss, scored.wall_time_s)
-    run.tracker.set_tags({"eval/devices": f"{lease.kind}:{devices}"})
+    source = RUN_OUTPUT if registered is None else registered.uri
+    run.tracker.set_tags({"eval/devices": f"{lease.kind}:{devices}", SOURCE_TAG: source})
     samples = sample_rows(evaluation, settings.eval.samples)
     record_evaluation(run.tracker, evaluation, samples)
     run.tracker.log_artifact(run.logs_dir / "eval.log", "logs")
     if samples:
         create_table_artifact(table=samples, key=SAMPLES_ARTIFACT_KEY, description=_summary(evaluation))
-    logger.info(_summary(evaluation))
+    logger.info("%s (%s)", _summary(evaluation), source)
     return evaluation
 
 

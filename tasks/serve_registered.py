@@ -12,22 +12,9 @@ from npu_sft import registry
 from npu_sft.api_service import check_api_key, serve_until_stopped
 from npu_sft.devices import lease_devices
 from npu_sft.serving import smoke_test
-from npu_sft.settings import MlflowSettings, Pipeline, TinyModelSource
+from npu_sft.settings import Pipeline, TinyModelSource
 from tasks.download import download_model_task
 from tasks.model import make_tiny_model
-
-
-@task
-def resolve_registered_version(settings: MlflowSettings, name: str, version: str) -> str:
-    resolved = registry.resolve_version(settings, name, version)
-    get_run_logger().info("serving %s version %s", name, resolved)
-    return resolved
-
-
-@task
-def fetch_registered_adapter(pipeline: Pipeline, name: str, version: str) -> Path:
-    dest = pipeline.state_dir / "registry" / f"{name}-v{version}"
-    return registry.download_version(pipeline.settings.mlflow, name, version, dest)
 
 
 @task

@@ -169,28 +169,40 @@ def test_evaluation_scores_the_adapter_against_the_base_model(demo_run: dict) ->
     assert "ROUGE-L adapter / base / gain" in demo_run["stdout"]
 
 
-def test_evaluating_the_registered_version_again_is_identical_and_reuses_the_baseline(
+def test_evaluating_the_champion_from_the_registry_generates_what_the_run_output_did(
     demo_run: dict, repo: Path, engine_python: Path
 ) -> None:
     client: MlflowClient = demo_run["client"]
     (before,) = client.search_runs([client.get_experiment_by_name("sft-tiny").experiment_id])
     completed = run_cli(
-        demo_run["project"], "evaluate", str(repo / "configs" / "tiny_cpu.yaml"), "--version", "1",
+        demo_run["project"], "evaluate", str(repo / "configs" / "tiny_cpu.yaml"), "--version", "champion",
         "--set", f"engine.python={engine_python}", "--set", f"devices.state_dir={demo_run['project'] / 'leases'}",
     )
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     after = client.get_run(before.info.run_id)
-    # Greedy decoding: the same adapter on the same split scores the same, to the last digit.
+    state = demo_run["project"] / ".npu-sft"
+    # The registry's files, loaded into the engine with the base model, answer exactly as the adapter in the run's
+    # output directory did (greedy decoding): models:/tiny-qwen2-lora@champion is the trained adapter.
+    run_dir = state / "runs" / before.info.run_id
+    from_registry = run_dir / "eval-v1" / "adapter"
+    assert (run_dir / "eval" / "adapter" / "generated_predictions.jsonl").read_bytes() == (
+        from_registry / "generated_predictions.jsonl"
+    ).read_bytes()
+    predict_config = (from_registry / "npu_sft_predict.yaml").read_text()
+    assert f"adapter_name_or_path: {state / 'registry' / 'tiny-qwen2-lora-v1'}" in predict_config
     for name in ("bleu_4", "rouge_1", "rouge_2", "rouge_l"):
         assert after.data.metrics[f"eval/{name}"] == before.data.metrics[f"eval/{name}"], name
         assert after.data.metrics[f"base/{name}"] == before.data.metrics[f"base/{name}"], name
+    assert before.data.tags["eval/adapter_source"] == "run output"
+    assert after.data.tags["eval/adapter_source"] == "models:/tiny-qwen2-lora/1"
     assert after.data.tags["eval/baseline"] == "reused"
     assert after.info.status == "FINISHED"  # the run keeps the status the pipeline gave it
-    eval_log = (demo_run["project"] / ".npu-sft" / "runs" / before.info.run_id / "logs" / "eval.log").read_text()
+    eval_log = (run_dir / "logs" / "eval.log").read_text()
     # Both evaluations scored the adapter; only the first started an engine process for the base model.
     assert eval_log.count("===== npu-sft: scoring the adapter") == 2
     assert eval_log.count("===== npu-sft: scoring the base model") == 1
     assert "reused" in completed.stdout
+    assert "registry: tiny-qwen2-lora v1 (champion)" in completed.stdout
 
 
 def test_evaluate_refuses_an_unknown_run_in_one_line(demo_run: dict, repo: Path, engine_python: Path) -> None:

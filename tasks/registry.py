@@ -1,0 +1,23 @@
+"""Tasks over the MLflow Model Registry shared by the flows: which version an alias names, and its files here."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from npu_sft import registry
+from npu_sft.settings import MlflowSettings, Pipeline
+
+
+@task
+def resolve_registered_version(settings: MlflowSettings, name: str, version: str) -> str:
+    resolved = registry.resolve_version(settings, name, version)
+    get_run_logger().info("%s %s is version %s", name, version, resolved)
+    return resolved
+
+
+@task
+def fetch_registered_adapter(pipeline: Pipeline, name: str, version: str) -> registry.RegisteredAdapter:
+    """The version's adapter files under the state dir, downloaded once per host."""
+    dest = pipeline.state_dir / "registry" / f"{name}-v{version}"
+    path = registry.download_version(pipeline.settings.mlflow, name, version, dest)
+    return registry.RegisteredAdapter(name, version, path)
