@@ -40,10 +40,10 @@ def serve(
     pipeline = load_pipeline(config, overrides)
     name = pipeline.settings.publish.registered_model
     version = resolve_registered_version(pipeline.settings.mlflow, name, model_version)
-    adapter_path = fetch_registered_adapter(pipeline, name, version).path
+    adapter = fetch_registered_adapter(pipeline, name, version)
     model_path = fetch_base_model(pipeline)
     if keep_serving:
-        serve_until_cancelled(pipeline, model_path, adapter_path, port)
+        serve_until_cancelled(pipeline, model_path, adapter, port)
         return ServeResult(name, version, None)
-    reply = smoke_serve(pipeline, model_path, adapter_path, name, version)
+    reply = smoke_serve(pipeline, model_path, adapter)
     return ServeResult(name, version, reply)

@@ -43,5 +43,5 @@ def sft(config: str, overrides: list[str] | None = None) -> SftResult:
     evaluation = evaluate(pipeline, run, trained)
     metrics = {**trained.figures, **evaluation.metrics()}
     published = publish(pipeline, run, trained, evaluation)
-    reply = serve_smoke_test(pipeline, run, model_path, trained) if pipeline.settings.serve.enabled else None
+    reply = serve_smoke_test(pipeline, run, model_path, trained, published) if pipeline.settings.serve.enabled else None
     return SftResult(run.mlflow_run_id, metrics, published, reply)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from npu_sft.engine import EngineSettings
+from npu_sft.engine import EngineSettings, ServedModel
 from npu_sft.serving import ServeError, api_server
 from npu_sft.settings import ServeSettings
 
@@ -41,10 +41,8 @@ def check_port_free(host: str, port: int) -> None:
 def serve_until_stopped(
     engine: EngineSettings,
     settings: ServeSettings,
+    model: ServedModel,
     *,
-    model_path: str,
-    adapter_path: str,
-    template: str,
     device_env: Mapping[str, str],
     port: int,
     api_key: str,
@@ -55,15 +53,7 @@ def serve_until_stopped(
     """Serve until interrupted; raises ServeError if the server fails to start or exits on its own."""
     check_port_free(settings.host, port)
     with api_server(
-        engine,
-        settings,
-        model_path=model_path,
-        adapter_path=adapter_path,
-        template=template,
-        device_env=device_env,
-        port=port,
-        api_key=api_key,
-        log_file=log_file,
+        engine, settings, model, device_env=device_env, port=port, api_key=api_key, log_file=log_file
     ) as running:
         on_ready(running.base_url)
         server = running.process

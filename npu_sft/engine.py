@@ -67,6 +67,20 @@ class DistributedLaunch:
 
 
 @dataclass(frozen=True)
+class ServedModel:
+    """What the API server loads, and the name its `/v1/models` answers with."""
+
+    name: str  # e.g. tiny-qwen2-lora:v3, so a client can tell which registered version it talks to
+    base_model: str
+    adapter: str
+    template: str
+
+
+def served_name(registered_model: str, version: str) -> str:
+    return f"{registered_model}:v{version}"
+
+
+@dataclass(frozen=True)
 class EngineCommand:
     argv: list[str]
     env: dict[str, str]  # for the local process; behind a prefix these are also forwarded in argv
@@ -124,18 +138,18 @@ def bare_train_command(engine: EngineSettings, config_file: Path | str, env: Map
 
 def api_server_command(
     engine: EngineSettings,
+    model: ServedModel,
     *,
-    model_path: str,
-    adapter_path: str,
-    template: str,
     host: str,
     port: int,
     api_key: str,
+    max_concurrent: int,
     env: Mapping[str, str] | None = None,
 ) -> EngineCommand:
-    """LLaMA-Factory's OpenAI-compatible server, bound to `host` and guarded by `api_key`.
+    """LLaMA-Factory's OpenAI-compatible server, bound to `host` and guarded by `api_key`, listing `model.name`.
 
-    API_VERBOSE=0 because LLaMA-Factory otherwise logs whole request bodies.
+    API_VERBOSE=0 because LLaMA-Factory otherwise logs whole request bodies. MAX_CONCURRENT: the huggingface
+    backend generates for that many requests at once (LLaMA-Factory's default is 1) and queues the rest.
     """
     inner = [
         engine.python,
@@ -143,17 +157,25 @@ def api_server_command(
         "llamafactory.cli",
         "api",
         "--model_name_or_path",
-        model_path,
+        model.base_model,
         "--adapter_name_or_path",
-        adapter_path,
+        model.adapter,
         "--template",
-        template,
+        model.template,
         "--finetuning_type",
         "lora",
         "--infer_backend",
         "huggingface",
     ]
-    server_env = {"API_HOST": host, "API_PORT": str(port), "API_KEY": api_key, "API_VERBOSE": "0", **(env or {})}
+    server_env = {
+        "API_HOST": host,
+        "API_PORT": str(port),
+        "API_KEY": api_key,
+        "API_VERBOSE": "0",
+        "API_MODEL_NAME": model.name,
+        "MAX_CONCURRENT": str(max_concurrent),
+        **(env or {}),
+    }
     return _command(engine, inner, server_env)
 
 

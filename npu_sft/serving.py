@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 
 from npu_sft import process
-from npu_sft.engine import EngineSettings, api_server_command
-from npu_sft.settings import ServeSettings
+from npu_sft.engine import EngineSettings, ServedModel, api_server_command
+from npu_sft.settings import Pipeline, ServeSettings
 
 
 class ServeError(RuntimeError):
@@ -26,6 +26,11 @@ class SmokeResult:
     model: str
     startup_s: float
     latency_s: float
+
+
+def served_model(pipeline: Pipeline, name: str, base_model: Path, adapter: Path) -> ServedModel:
+    """The adapter on its base model with the training's chat template, listed as `name`."""
+    return ServedModel(name, str(base_model), str(adapter), str(pipeline.llamafactory.get("template", "default")))
 
 
 def wait_until_ready(server: process.BackgroundProcess, base_url: str, api_key: str, timeout_s: float) -> float:
@@ -72,10 +77,8 @@ class RunningServer:
 def api_server(
     engine: EngineSettings,
     settings: ServeSettings,
+    model: ServedModel,
     *,
-    model_path: str,
-    adapter_path: str,
-    template: str,
     device_env: Mapping[str, str],
     port: int,
     api_key: str,
@@ -84,12 +87,11 @@ def api_server(
     """LLaMA-Factory's API server, answering on `settings.host:port`, for the `with` block; stopped on the way out."""
     command = api_server_command(
         engine,
-        model_path=model_path,
-        adapter_path=adapter_path,
-        template=template,
+        model,
         host=settings.host,
         port=port,
         api_key=api_key,
+        max_concurrent=settings.max_concurrent,
         env=device_env,
     )
     base_url = f"http://{settings.host}:{port}"
@@ -101,37 +103,29 @@ def api_server(
 def smoke_test(
     engine: EngineSettings,
     settings: ServeSettings,
+    model: ServedModel,
     *,
-    model_path: str,
-    adapter_path: str,
-    template: str,
     device_env: Mapping[str, str],
     port: int,
     log_file: Path,
 ) -> SmokeResult:
-    """Serve the adapter, check a wrong key is refused, get one non-empty chat completion, stop the server.
-    Raises ServeError when any of that does not happen."""
+    """Serve the adapter, check a wrong key is refused and `/v1/models` names it, get one non-empty chat
+    completion, stop the server. Raises ServeError when any of that does not happen."""
     api_key = secrets.token_urlsafe(24)  # per launch, never logged or stored
     with api_server(
-        engine,
-        settings,
-        model_path=model_path,
-        adapter_path=adapter_path,
-        template=template,
-        device_env=device_env,
-        port=port,
-        api_key=api_key,
-        log_file=log_file,
+        engine, settings, model, device_env=device_env, port=port, api_key=api_key, log_file=log_file
     ) as running:
         base_url = running.base_url
         unauthorized = httpx.get(f"{base_url}/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=5)
         models = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=5).json()
-        model = models["data"][0]["id"]
+        listed = [card["id"] for card in models["data"]]
         started = time.monotonic()
-        reply = chat_once(base_url, api_key, model, settings.prompt, settings.max_tokens)
+        reply = chat_once(base_url, api_key, model.name, settings.prompt, settings.max_tokens)
         latency_s = time.monotonic() - started
     if unauthorized.status_code != 401:
         raise ServeError(f"the API server accepted a wrong API key (HTTP {unauthorized.status_code})")
+    if listed != [model.name]:
+        raise ServeError(f"the API server lists {listed} at /v1/models, not {model.name!r}")
     if not reply.strip():
         raise ServeError(f"the API server answered {settings.prompt!r} with an empty reply")
-    return SmokeResult(reply, model, running.startup_s, latency_s)
+    return SmokeResult(reply, model.name, running.startup_s, latency_s)

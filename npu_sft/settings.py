@@ -80,6 +80,9 @@ class ServeSettings(_Strict):
     host: str = "127.0.0.1"
     prompt: str = "Who are you?"
     max_tokens: int = Field(32, ge=1)
+    max_concurrent: int = Field(
+        1, ge=1, description="requests the server generates for at once (LLaMA-Factory's MAX_CONCURRENT); more queue"
+    )
     startup_timeout_s: float = Field(300, gt=0)
 
 

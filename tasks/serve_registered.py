@@ -11,7 +11,9 @@ from prefect.runtime import flow_run
 from npu_sft import registry
 from npu_sft.api_service import check_api_key, serve_until_stopped
 from npu_sft.devices import lease_devices
-from npu_sft.serving import smoke_test
+from npu_sft.engine import served_name
+from npu_sft.registry import RegisteredAdapter
+from npu_sft.serving import served_model, smoke_test
 from npu_sft.settings import Pipeline, TinyModelSource
 from tasks.download import download_model_task
 from tasks.model import make_tiny_model
@@ -31,42 +33,42 @@ def _serve_log(pipeline: Pipeline) -> Path:
 
 
 @task
-def smoke_serve(pipeline: Pipeline, model_path: Path, adapter_path: Path, name: str, version: str) -> str:
+def smoke_serve(pipeline: Pipeline, model_path: Path, adapter: RegisteredAdapter) -> str:
     """Start the API server on loopback, check a wrong key is refused, ask one question, stop it."""
     logger = get_run_logger()
     settings = pipeline.settings
+    model = served_model(pipeline, served_name(adapter.name, adapter.version), model_path, adapter.path)
     with lease_devices(settings.devices, task="serve", flow_run_id=flow_run.get_id(), on_wait=logger.info) as lease:
         result = smoke_test(
             settings.engine,
             settings.serve,
-            model_path=str(model_path),
-            adapter_path=str(adapter_path),
-            template=str(pipeline.llamafactory.get("template", "default")),
+            model,
             device_env=lease.env(),
             port=lease.master_port,
             log_file=_serve_log(pipeline),
         )
-    registry.tag_version(settings.mlflow, name, version, "npu_sft.smoke_reply", result.reply)
-    logger.info("%s version %s answered in %.1f s: %r", name, version, result.latency_s, result.reply)
+    registry.tag_version(settings.mlflow, adapter.name, adapter.version, "npu_sft.smoke_reply", result.reply)
+    logger.info("%s answered in %.1f s: %r", result.model, result.latency_s, result.reply)
     return result.reply
 
 
 @task
-def serve_until_cancelled(pipeline: Pipeline, model_path: Path, adapter_path: Path, port: int) -> None:
+def serve_until_cancelled(pipeline: Pipeline, model_path: Path, adapter: RegisteredAdapter, port: int) -> None:
     """Keep the API server up on the serve devices until the flow run is cancelled."""
     logger = get_run_logger()
     settings = pipeline.settings
     api_key = check_api_key(os.environ)
+    model = served_model(pipeline, served_name(adapter.name, adapter.version), model_path, adapter.path)
     with lease_devices(settings.devices, task="serve", flow_run_id=flow_run.get_id(), on_wait=logger.info) as lease:
         serve_until_stopped(
             settings.engine,
             settings.serve,
-            model_path=str(model_path),
-            adapter_path=str(adapter_path),
-            template=str(pipeline.llamafactory.get("template", "default")),
+            model,
             device_env=lease.env(),
             port=port,
             api_key=api_key,
             log_file=_serve_log(pipeline),
-            on_ready=lambda url: logger.info("serving at %s/v1 (OpenAI API; cancel the flow run to stop)", url),
+            on_ready=lambda url: logger.info(
+                "serving %s at %s/v1 (OpenAI API; cancel the flow run to stop)", model.name, url
+            ),
         )

@@ -62,6 +62,7 @@ def test_mlflow_holds_a_finished_run_with_falling_loss(demo_run: dict) -> None:
     assert {"config", "plots", "logs"} <= artifacts
     assert run.data.tags["serve.reply"].strip()
     assert "NPU-SFT Tiny" in run.data.tags["serve.reply"]  # asked "Who are you?", it answers from the identity set
+    assert run.data.tags["serve.model"] == "tiny-qwen2-lora:v1"  # what /v1/models listed: the registered version
 
 
 def test_registered_version_holds_the_adapter(demo_run: dict, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from typing import TypeVar
 from uuid import UUID
 
 import httpx
+import openai
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -256,13 +257,21 @@ def test_serve_keeps_serving_until_the_run_is_cancelled(project: Project) -> Non
             deployment.id, parameters={"overrides": project.overrides[1:], "keep_serving": True, "port": port}
         )
     base = f"http://127.0.0.1:{port}/v1"
-    headers = {"Authorization": f"Bearer {project.env['NPU_SFT_API_KEY']}"}
-    wait_for("the API server to answer", lambda: _answers(f"{base}/models", headers), timeout_s=240)
-    assert httpx.get(f"{base}/models", headers={"Authorization": "Bearer wrong"}, timeout=5).status_code == 401
-    model = httpx.get(f"{base}/models", headers=headers, timeout=5).json()["data"][0]["id"]
-    chat = httpx.post(f"{base}/chat/completions", headers=headers, timeout=120,
-                      json={"model": model, "messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 8})
-    assert chat.status_code == 200
+    api_key = project.env["NPU_SFT_API_KEY"]
+    wait_for("the API server to answer", lambda: _answers(f"{base}/models", {"Authorization": f"Bearer {api_key}"}),
+             timeout_s=240)
+    # As a user would: the official client. The listed model says which registered version answers.
+    api = openai.OpenAI(base_url=base, api_key=api_key, max_retries=0, timeout=120)
+    assert [model.id for model in api.models.list()] == ["tiny-qwen2-lora:v1"]
+    question = [{"role": "user", "content": "Who are you?"}]
+    reply = api.chat.completions.create(model="tiny-qwen2-lora:v1", messages=question, max_tokens=8)
+    assert reply.choices[0].message.content.strip()
+    stream = api.chat.completions.create(model="tiny-qwen2-lora:v1", messages=question, max_tokens=8, stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed.strip()
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(f"{base}/models", timeout=5).status_code == 401  # no key at all
     cancel = project.prefect_cli("flow-run", "cancel", str(flow_run.id), timeout=60)
     assert cancel.returncode == 0, cancel.stdout + cancel.stderr
 
@@ -273,7 +282,7 @@ def test_serve_keeps_serving_until_the_run_is_cancelled(project: Project) -> Non
 
     wait_for("the flow run to be Cancelled", cancelled, timeout_s=90)
     wait_for("the API server to be gone", lambda: not processes_of(flow_run.id), timeout_s=60)
-    assert not _answers(f"{base}/models", headers)
+    assert not _answers(f"{base}/models", {"Authorization": f"Bearer {api_key}"})
 
 
 def test_a_cancelled_sft_run_ends_its_mlflow_run_killed(project: Project) -> None:

@@ -8,9 +8,11 @@ from pydantic import ValidationError
 from npu_sft.engine import (
     DistributedLaunch,
     EngineSettings,
+    ServedModel,
     api_server_command,
     engine_script_command,
     render_command,
+    served_name,
     torchrun_train_command,
 )
 
@@ -45,11 +47,16 @@ def test_container_engine_forwards_env_in_argv_and_sources_env_script() -> None:
 def test_api_server_binds_loopback_with_key_and_quiet_request_logging(engine_python: Path) -> None:
     command = api_server_command(
         EngineSettings(python=str(engine_python)),
-        model_path="/m", adapter_path="/a", template="qwen", host="127.0.0.1", port=18000, api_key="k3y",
+        ServedModel(served_name("qwen7b-lora", "3"), base_model="/m", adapter="/a", template="qwen"),
+        host="127.0.0.1", port=18000, api_key="k3y", max_concurrent=4,
     )
     assert command.env["API_HOST"] == "127.0.0.1"
     assert command.env["API_KEY"] == "k3y"
     assert command.env["API_VERBOSE"] == "0"
+    # /v1/models names the registered version, not LLaMA-Factory's default gpt-3.5-turbo
+    assert command.env["API_MODEL_NAME"] == "qwen7b-lora:v3"
+    assert command.env["MAX_CONCURRENT"] == "4"
+    assert command.argv[command.argv.index("--template") + 1] == "qwen"
     assert "k3y" not in command.argv  # a local engine never sees the key in its argv (visible in `ps`)
     assert command.argv[command.argv.index("--adapter_name_or_path") + 1] == "/a"
 

@@ -127,3 +127,10 @@ def test_a_gain_gate_without_base_model_scores_is_refused_at_load(tiny_config: P
     with pytest.raises(ConfigError, match=r"publish\.gate\.min_gain: needs the base model's scores; set eval\.baseline"):
         load_pipeline(tiny_config, ["eval.baseline=false", "publish.gate.min_gain=1.0"])
     assert load_pipeline(tiny_config, ["eval.baseline=false"]).settings.publish.gate.min_gain == 0.0
+
+
+def test_serve_concurrency_below_one_is_refused_naming_the_key(tiny_config: Path) -> None:
+    assert load_pipeline(tiny_config, ["serve.max_concurrent=4"]).settings.serve.max_concurrent == 4
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(tiny_config, ["serve.max_concurrent=0"])
+    assert "serve.max_concurrent" in str(err.value) and "\n" not in str(err.value)
