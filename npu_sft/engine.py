@@ -9,6 +9,7 @@ inside a container that does not have this project's files.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,27 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ENGINE_SCRIPTS = Path(__file__).parent / "engine_scripts"
 DEFAULT_ENGINE_PYTHON = ".npu-sft/engine/bin/python"
+# Handed to an engine behind a prefix by name only, never as a value in an argv (anyone on the host reads argv in `ps`)
+SECRET_VARS = frozenset({"API_KEY"})
+# Prefixes that take `-e NAME` and read its value from their own environment, which is ours.
+_BY_NAME_TOOLS = {"docker": ("exec", "run"), "podman": ("exec", "run")}
+
+
+class SecretInArgvError(ValueError):
+    """The engine's command prefix cannot receive a secret without it showing in a command line."""
+
+
+def passes_secrets_by_name(prefix: Sequence[str]) -> bool:
+    """`docker exec`/`podman exec` (or `run`): `-e API_KEY` without a value reads the key from their environment."""
+    subcommands = _BY_NAME_TOOLS.get(Path(prefix[0]).name, ()) if prefix else ()
+    return any(word in subcommands for word in prefix[1:])
+
+
+def secret_refusal(prefix: Sequence[str]) -> str:
+    return (
+        f"{shlex.join(prefix)!r} cannot receive the API key without showing it in a command line (`ps`); run the "
+        "engine behind `docker exec` or `podman exec` (the key is passed by name, -e API_KEY), or locally"
+    )
 
 
 class EngineSettings(BaseModel):
@@ -90,13 +112,22 @@ class EngineCommand:
 def _wrap(engine: EngineSettings, inner: Sequence[str], env: Mapping[str, str]) -> list[str]:
     """Put the engine's env script and prefix around an engine argv."""
     argv = list(inner)
-    if engine.command_prefix and env:
+    prefix = list(engine.command_prefix)
+    plain = {key: value for key, value in env.items() if key not in SECRET_VARS}
+    if prefix and plain:
         # `docker exec`/`ssh` do not pass the caller's environment through, so it travels in argv via env(1).
-        argv = ["env", *(f"{key}={value}" for key, value in sorted(env.items())), *argv]
+        argv = ["env", *(f"{key}={value}" for key, value in sorted(plain.items())), *argv]
     if engine.env_script:
         # `$0` is the script and `"$@"` the engine argv: nothing is interpolated into shell text.
         argv = ["bash", "-c", 'source "$0" && exec "$@"', engine.env_script, *argv]
-    return [*engine.command_prefix, *argv]
+    secret = sorted(key for key in env if key in SECRET_VARS)
+    if prefix and secret:
+        if not passes_secrets_by_name(prefix):
+            raise SecretInArgvError(f"engine.command_prefix: {secret_refusal(prefix)}")
+        # By name right after the subcommand; the value reaches docker through its environment (EngineCommand.env).
+        at = next(i for i, word in enumerate(prefix) if i > 0 and word in ("exec", "run")) + 1
+        prefix[at:at] = [arg for key in secret for arg in ("-e", key)]
+    return [*prefix, *argv]
 
 
 def _command(
@@ -144,12 +175,14 @@ def api_server_command(
     port: int,
     api_key: str,
     max_concurrent: int,
+    do_sample: bool = False,
     env: Mapping[str, str] | None = None,
 ) -> EngineCommand:
     """LLaMA-Factory's OpenAI-compatible server, bound to `host` and guarded by `api_key`, listing `model.name`.
 
     API_VERBOSE=0 because LLaMA-Factory otherwise logs whole request bodies. MAX_CONCURRENT: the huggingface
     backend generates for that many requests at once (LLaMA-Factory's default is 1) and queues the rest.
+    `--do_sample false` makes answers greedy unless a request asks otherwise: the seeds' fix for NPU error 507018.
     """
     inner = [
         engine.python,
@@ -166,6 +199,8 @@ def api_server_command(
         "lora",
         "--infer_backend",
         "huggingface",
+        "--do_sample",
+        str(do_sample).lower(),
     ]
     server_env = {
         "API_HOST": host,

@@ -95,3 +95,18 @@ def download_version(settings: MlflowSettings, name: str, version: str, dest: Pa
 
 def tag_version(settings: MlflowSettings, name: str, version: str, key: str, value: str) -> None:
     client_for(settings).set_model_version_tag(name, version, key, value[:5000])
+
+
+SERVING_STATUS = "serving.status"  # up / stopped: whether the endpoint in serving.url answers for this version
+
+
+def mark_serving(settings: MlflowSettings, name: str, version: str, *, url: str, model: str, flow_run: str) -> None:
+    """Say on the version where it is being served: a team finds the endpoint from the registry."""
+    client = client_for(settings)
+    for key, value in (("serving.url", url), ("serving.model", model), ("serving.flow_run", flow_run)):
+        client.set_model_version_tag(name, version, key, value)
+    client.set_model_version_tag(name, version, SERVING_STATUS, "up")
+
+
+def mark_stopped(settings: MlflowSettings, name: str, version: str) -> None:
+    client_for(settings).set_model_version_tag(name, version, SERVING_STATUS, "stopped")

@@ -92,6 +92,7 @@ def api_server(
         port=port,
         api_key=api_key,
         max_concurrent=settings.max_concurrent,
+        do_sample=settings.do_sample,
         env=device_env,
     )
     base_url = f"http://{settings.host}:{port}"

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from npu_sft.datasets import DataSettings
 from npu_sft.devices import DeviceSettings
 from npu_sft.download import ModelSource
-from npu_sft.engine import EngineSettings
+from npu_sft.engine import EngineSettings, passes_secrets_by_name, secret_refusal
 from npu_sft.evaluation.settings import EvalSettings
 from npu_sft.gate import GateSettings
 
@@ -82,6 +82,11 @@ class ServeSettings(_Strict):
     max_tokens: int = Field(32, ge=1)
     max_concurrent: int = Field(
         1, ge=1, description="requests the server generates for at once (LLaMA-Factory's MAX_CONCURRENT); more queue"
+    )
+    do_sample: bool = Field(
+        False,
+        description="greedy unless true: sampling fails on Ascend NPUs (ACL stream synchronize failed, 507018); a "
+        "request may still send do_sample: true",
     )
     startup_timeout_s: float = Field(300, gt=0)
 
@@ -250,7 +255,18 @@ def load_pipeline(config_file: str | Path, overrides: list[str] | None = None) -
     _check_datasets_defined(pipeline)
     _check_eval_split(pipeline)
     _check_gate(pipeline)
+    _check_serving_key(pipeline)
     return pipeline
+
+
+def _check_serving_key(pipeline: Pipeline) -> None:
+    """The serve stage hands the engine an API key: refuse a prefix that would put it in a command line now, not at
+    the end of a training."""
+    prefix = pipeline.settings.engine.command_prefix
+    if pipeline.settings.serve.enabled and prefix and not passes_secrets_by_name(prefix):
+        raise ConfigError(
+            f"{pipeline.config_file}: engine.command_prefix: {secret_refusal(prefix)}; or serve.enabled: false"
+        )
 
 
 def _check_gate(pipeline: Pipeline) -> None:

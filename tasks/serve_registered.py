@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from npu_sft import registry
@@ -17,6 +19,9 @@ from npu_sft.serving import served_model, smoke_test
 from npu_sft.settings import Pipeline, TinyModelSource
 from tasks.download import download_model_task
 from tasks.model import make_tiny_model
+
+
+ENDPOINT_ARTIFACT_KEY = "serve-endpoint"
 
 
 @task
@@ -54,21 +59,44 @@ def smoke_serve(pipeline: Pipeline, model_path: Path, adapter: RegisteredAdapter
 
 @task
 def serve_until_cancelled(pipeline: Pipeline, model_path: Path, adapter: RegisteredAdapter, port: int) -> None:
-    """Keep the API server up on the serve devices until the flow run is cancelled."""
+    """Keep the API server up on the serve devices until the flow run is cancelled. While it answers, its URL and
+    model are a Prefect link artifact and `serving.*` tags of the model version; the version says `stopped` after."""
     logger = get_run_logger()
     settings = pipeline.settings
     api_key = check_api_key(os.environ)
     model = served_model(pipeline, served_name(adapter.name, adapter.version), model_path, adapter.path)
+    announced: list[str] = []
+
+    def announce(base_url: str) -> None:
+        url = f"{_reachable(base_url, settings.serve.host)}/v1"
+        logger.info("serving %s at %s (OpenAI API; cancel the flow run to stop)", model.name, url)
+        registry.mark_serving(settings.mlflow, adapter.name, adapter.version, url=url, model=model.name,
+                              flow_run=str(flow_run.get_id()))
+        create_link_artifact(url, link_text=f"{model.name} (OpenAI API)", key=ENDPOINT_ARTIFACT_KEY,
+                             description=f"`{adapter.uri}` on `{model_path.name}`; clients send the worker's "
+                             "NPU_SFT_API_KEY")
+        announced.append(url)
+
     with lease_devices(settings.devices, task="serve", flow_run_id=flow_run.get_id(), on_wait=logger.info) as lease:
-        serve_until_stopped(
-            settings.engine,
-            settings.serve,
-            model,
-            device_env=lease.env(),
-            port=port,
-            api_key=api_key,
-            log_file=_serve_log(pipeline),
-            on_ready=lambda url: logger.info(
-                "serving %s at %s/v1 (OpenAI API; cancel the flow run to stop)", model.name, url
-            ),
-        )
+        try:
+            serve_until_stopped(
+                settings.engine,
+                settings.serve,
+                model,
+                device_env=lease.env(),
+                port=port,
+                api_key=api_key,
+                log_file=_serve_log(pipeline),
+                on_ready=announce,
+            )
+        finally:  # also when the run is cancelled: Prefect's SIGTERM unwinds this frame
+            if announced:
+                registry.mark_stopped(settings.mlflow, adapter.name, adapter.version)
+                create_markdown_artifact(f"{model.name} at {announced[0]}: stopped", key=ENDPOINT_ARTIFACT_KEY)
+
+
+def _reachable(base_url: str, host: str) -> str:
+    """The URL a client on another host uses: a wildcard bind is reached through this host's name."""
+    if host == "0.0.0.0":
+        return base_url.replace("//0.0.0.0:", f"//{socket.getfqdn()}:", 1)
+    return base_url

@@ -5,15 +5,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import mlflow
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from npu_sft.devices import DeviceSettings, current_leases, lease_history
+from npu_sft.engine import EngineSettings, ServedModel
+from npu_sft.serving import api_server
+from npu_sft.settings import ServeSettings
 
 pytestmark = pytest.mark.e2e
 
@@ -215,3 +222,64 @@ def test_evaluate_refuses_an_unknown_run_in_one_line(demo_run: dict, repo: Path,
     assert completed.stderr.strip().splitlines() == [
         f"npu-sft: error: --run {'0' * 32}: no such MLflow run in sqlite:///{demo_run['project']}/mlruns/mlflow.db"
     ]
+
+
+# A stand-in for `docker exec` as docker documents it: the command runs with the container's own environment plus
+# each `-e` variable; `-e NAME` without a value takes NAME's value from docker's environment (the caller's).
+FAKE_DOCKER = """#!/usr/bin/env bash
+[ "$1" = exec ] || { echo "fake docker: only exec" >&2; exit 125; }
+shift
+passed=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -e) if [[ "$2" == *=* ]]; then passed+=("$2"); else passed+=("$2=${!2}"); fi; shift 2;;
+    -i) shift;;
+    -*) echo "fake docker: unsupported option $1" >&2; exit 125;;
+    *) break;;
+  esac
+done
+shift  # the container
+exec env -i PATH=/usr/local/bin:/usr/bin:/bin HOME="$HOME" "${passed[@]}" "$@"
+"""
+
+
+def test_an_engine_behind_docker_exec_gets_the_api_key_in_no_command_line(
+    demo_run: dict, engine_python: Path, tmp_path: Path
+) -> None:
+    docker = tmp_path / "bin" / "docker"
+    docker.parent.mkdir()
+    docker.write_text(FAKE_DOCKER)
+    docker.chmod(0o755)
+    client: MlflowClient = demo_run["client"]
+    (run,) = client.search_runs([client.get_experiment_by_name("sft-tiny").experiment_id])
+    run_dir = demo_run["project"] / ".npu-sft" / "runs" / run.info.run_id
+    trained = yaml.safe_load((run_dir / "llamafactory.yaml").read_text())
+    model = ServedModel("tiny-qwen2-lora:v1", trained["model_name_or_path"], str(run_dir / "output"), "qwen")
+    engine = EngineSettings(python=str(engine_python), command_prefix=[str(docker), "exec", "-i", "llamafactory"])
+    key = secrets.token_urlsafe(24)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_file = tmp_path / "serve.log"
+    with api_server(engine, ServeSettings(), model, device_env={}, port=port, api_key=key, log_file=log_file) as running:
+        command_lines = _command_lines()
+        served = [card["id"] for card in httpx.get(
+            f"{running.base_url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5
+        ).json()["data"]]
+        wrong = httpx.get(f"{running.base_url}/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=5)
+    assert served == ["tiny-qwen2-lora:v1"]  # the key reached the server inside the "container"...
+    assert wrong.status_code == 401  # ...and guards it
+    assert any(b"llamafactory.cli\0api" in line for line in command_lines)  # the scan saw the server itself
+    assert not [line for line in command_lines if key.encode() in line]
+    assert key not in log_file.read_text()
+
+
+def _command_lines() -> list[bytes]:
+    """Every process's argv on this host, as `ps` shows them to anyone."""
+    lines = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(path.read_bytes())
+        except OSError:  # the process ended during the scan
+            continue
+    return lines

@@ -15,6 +15,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -26,6 +27,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.objects import StateType
 
 from npu_sft import host_processes
@@ -260,7 +262,26 @@ def test_serve_keeps_serving_until_the_run_is_cancelled(project: Project) -> Non
     api_key = project.env["NPU_SFT_API_KEY"]
     wait_for("the API server to answer", lambda: _answers(f"{base}/models", {"Authorization": f"Bearer {api_key}"}),
              timeout_s=240)
-    # As a user would: the official client. The listed model says which registered version answers.
+    try:
+        use_the_endpoint(project, base, api_key, str(flow_run.id))
+    finally:  # a failed check must not leave the server holding the serve devices for the tests after this one
+        cancel = project.prefect_cli("flow-run", "cancel", str(flow_run.id), timeout=60)
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+
+    def cancelled() -> bool:
+        with project.prefect() as client:
+            state = client.read_flow_run(flow_run.id).state
+        return state is not None and state.type == StateType.CANCELLED
+
+    wait_for("the flow run to be Cancelled", cancelled, timeout_s=90)
+    wait_for("the API server to be gone", lambda: not processes_of(flow_run.id), timeout_s=60)
+    assert not _answers(f"{base}/models", {"Authorization": f"Bearer {api_key}"})
+    assert project.mlflow().get_model_version("tiny-qwen2-lora", "1").tags["serving.status"] == "stopped"
+    assert any("stopped" in str(artifact.data) for artifact in endpoint_artifacts(project))
+
+
+def use_the_endpoint(project: Project, base: str, api_key: str, flow_run_id: str) -> None:
+    """As a user would, with the official client: the listed model says which registered version answers."""
     api = openai.OpenAI(base_url=base, api_key=api_key, max_retries=0, timeout=120)
     assert [model.id for model in api.models.list()] == ["tiny-qwen2-lora:v1"]
     question = [{"role": "user", "content": "Who are you?"}]
@@ -272,17 +293,30 @@ def test_serve_keeps_serving_until_the_run_is_cancelled(project: Project) -> Non
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
     assert httpx.get(f"{base}/models", timeout=5).status_code == 401  # no key at all
-    cancel = project.prefect_cli("flow-run", "cancel", str(flow_run.id), timeout=60)
-    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
 
-    def cancelled() -> bool:
-        with project.prefect() as client:
-            state = client.read_flow_run(flow_run.id).state
-        return state is not None and state.type == StateType.CANCELLED
+    def ask(index: int) -> str:
+        question = [{"role": "user", "content": f"What is {index} + 1?"}]
+        reply = api.chat.completions.create(model="tiny-qwen2-lora:v1", messages=question, max_tokens=8)
+        return reply.choices[0].message.content or ""
 
-    wait_for("the flow run to be Cancelled", cancelled, timeout_s=90)
-    wait_for("the API server to be gone", lambda: not processes_of(flow_run.id), timeout_s=60)
-    assert not _answers(f"{base}/models", {"Authorization": f"Bearer {api_key}"})
+    # Load: 200 chat requests, 8 in flight at a time, every one answered (greedy by default: no empty reply).
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(ask, range(200)))
+    assert len(replies) == 200 and all(reply.strip() for reply in replies)
+    # Where it is served is on the version and in the Prefect UI while it serves.
+    registry = project.mlflow()
+    wait_for("the version to say it is served",
+             lambda: registry.get_model_version("tiny-qwen2-lora", "1").tags.get("serving.status") == "up", timeout_s=30)
+    tags = registry.get_model_version("tiny-qwen2-lora", "1").tags
+    assert tags["serving.url"] == base and tags["serving.model"] == "tiny-qwen2-lora:v1"
+    assert tags["serving.flow_run"] == flow_run_id
+    wait_for("the endpoint's link artifact",
+             lambda: any(f"]({base})" in str(a.data) for a in endpoint_artifacts(project)), timeout_s=30)
+
+
+def endpoint_artifacts(project: Project) -> list:
+    with project.prefect() as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["serve-endpoint"])))
 
 
 def test_a_cancelled_sft_run_ends_its_mlflow_run_killed(project: Project) -> None:

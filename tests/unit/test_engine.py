@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from npu_sft.engine import (
     DistributedLaunch,
     EngineSettings,
+    SecretInArgvError,
     ServedModel,
     api_server_command,
     engine_script_command,
@@ -57,6 +58,7 @@ def test_api_server_binds_loopback_with_key_and_quiet_request_logging(engine_pyt
     assert command.env["API_MODEL_NAME"] == "qwen7b-lora:v3"
     assert command.env["MAX_CONCURRENT"] == "4"
     assert command.argv[command.argv.index("--template") + 1] == "qwen"
+    assert command.argv[command.argv.index("--do_sample") + 1] == "false"  # greedy: the seeds' NPU 507018 fix
     assert "k3y" not in command.argv  # a local engine never sees the key in its argv (visible in `ps`)
     assert command.argv[command.argv.index("--adapter_name_or_path") + 1] == "/a"
 
@@ -71,3 +73,25 @@ def test_engine_scripts_are_fed_on_stdin(engine_python: Path) -> None:
 def test_missing_local_engine_python_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="does not exist"):
         EngineSettings(python=str(tmp_path / "bin" / "python"))
+
+
+def test_a_docker_exec_engine_gets_the_api_key_by_name_never_its_value(engine_python: Path) -> None:
+    engine = EngineSettings(python="python", command_prefix=["docker", "exec", "-i", "llamafactory"],
+                            env_script="/usr/local/Ascend/ascend-toolkit/set_env.sh")
+    model = ServedModel("m:v1", base_model="/m", adapter="/a", template="qwen")
+    command = api_server_command(engine, model, host="127.0.0.1", port=8000, api_key="s3cret-k3y", max_concurrent=1,
+                                 env={"ASCEND_RT_VISIBLE_DEVICES": "3"})
+    assert command.argv[:6] == ["docker", "exec", "-e", "API_KEY", "-i", "llamafactory"]
+    assert not any("s3cret-k3y" in arg for arg in command.argv)
+    assert command.env["API_KEY"] == "s3cret-k3y"  # docker reads it from its own environment
+    assert "ASCEND_RT_VISIBLE_DEVICES=3" in command.argv and "API_MODEL_NAME=m:v1" in command.argv
+
+
+def test_a_prefix_that_cannot_take_a_key_by_name_is_refused() -> None:
+    model = ServedModel("m:v1", base_model="/m", adapter="/a", template="qwen")
+    for prefix in (["ssh", "npu-host"], ["sudo", "docker", "exec", "llamafactory"]):
+        engine = EngineSettings(python="python", command_prefix=prefix)
+        with pytest.raises(SecretInArgvError, match=r"^engine.command_prefix: .* cannot receive the API key"):
+            api_server_command(engine, model, host="127.0.0.1", port=8000, api_key="k", max_concurrent=1)
+        # Training carries no secret: the same prefix runs it.
+        assert torchrun_train_command(engine, DistributedLaunch(1, 29500), "c.yaml").argv[: len(prefix)] == prefix

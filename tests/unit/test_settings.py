@@ -134,3 +134,13 @@ def test_serve_concurrency_below_one_is_refused_naming_the_key(tiny_config: Path
     with pytest.raises(ConfigError) as err:
         load_pipeline(tiny_config, ["serve.max_concurrent=0"])
     assert "serve.max_concurrent" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_serving_pipeline_behind_ssh_is_refused_at_load(tiny_config: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(tiny_config, ["engine.command_prefix=[ssh, npu-host]"])
+    message = str(err.value)
+    assert message.startswith(f"{tiny_config.resolve()}: engine.command_prefix: 'ssh npu-host' cannot receive the API key")
+    assert "\n" not in message
+    assert load_pipeline(tiny_config, ["engine.command_prefix=[ssh, npu-host]", "serve.enabled=false"])
+    assert load_pipeline(tiny_config, ["engine.command_prefix=[docker, exec, -i, llamafactory]"])
