@@ -20,6 +20,7 @@ from npu_sft.download import ModelSource
 from npu_sft.engine import EngineSettings, passes_secrets_by_name, secret_refusal
 from npu_sft.evaluation.settings import EvalSettings
 from npu_sft.gate import GateSettings
+from npu_sft.serve_settings import ServeSettings
 
 
 LLAMAFACTORY_DEFAULT_CUTOFF_LEN = 2048
@@ -73,22 +74,6 @@ class PublishSettings(_Strict):
     enabled: bool = True
     registered_model: str
     gate: GateSettings = Field(default_factory=GateSettings)
-
-
-class ServeSettings(_Strict):
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    prompt: str = "Who are you?"
-    max_tokens: int = Field(32, ge=1)
-    max_concurrent: int = Field(
-        1, ge=1, description="requests the server generates for at once (LLaMA-Factory's MAX_CONCURRENT); more queue"
-    )
-    do_sample: bool = Field(
-        False,
-        description="greedy unless true: sampling fails on Ascend NPUs (ACL stream synchronize failed, 507018); a "
-        "request may still send do_sample: true",
-    )
-    startup_timeout_s: float = Field(300, gt=0)
 
 
 class PipelineSettings(_Strict):
