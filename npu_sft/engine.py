@@ -17,6 +17,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from npu_sft.serve_settings import ServeSettings
+
 ENGINE_SCRIPTS = Path(__file__).parent / "engine_scripts"
 DEFAULT_ENGINE_PYTHON = ".npu-sft/engine/bin/python"
 # Handed to an engine behind a prefix by name only, never as a value in an argv (anyone on the host reads argv in `ps`)
@@ -170,15 +172,14 @@ def bare_train_command(engine: EngineSettings, config_file: Path | str, env: Map
 def api_server_command(
     engine: EngineSettings,
     model: ServedModel,
+    settings: ServeSettings,
     *,
-    host: str,
     port: int,
     api_key: str,
-    max_concurrent: int,
-    do_sample: bool = False,
     env: Mapping[str, str] | None = None,
 ) -> EngineCommand:
-    """LLaMA-Factory's OpenAI-compatible server, bound to `host` and guarded by `api_key`, listing `model.name`.
+    """LLaMA-Factory's OpenAI-compatible server on `settings.backend`, bound to `settings.host` and guarded by
+    `api_key`, listing `model.name`. `env`: the devices' and the backend's variables.
 
     API_VERBOSE=0 because LLaMA-Factory otherwise logs whole request bodies. MAX_CONCURRENT: the huggingface
     backend generates for that many requests at once (LLaMA-Factory's default is 1) and queues the rest.
@@ -197,18 +198,15 @@ def api_server_command(
         model.template,
         "--finetuning_type",
         "lora",
-        "--infer_backend",
-        "huggingface",
-        "--do_sample",
-        str(do_sample).lower(),
+        *settings.backend_args(),
     ]
     server_env = {
-        "API_HOST": host,
+        "API_HOST": settings.host,
         "API_PORT": str(port),
         "API_KEY": api_key,
         "API_VERBOSE": "0",
         "API_MODEL_NAME": model.name,
-        "MAX_CONCURRENT": str(max_concurrent),
+        "MAX_CONCURRENT": str(settings.max_concurrent),
         **(env or {}),
     }
     return _command(engine, inner, server_env)

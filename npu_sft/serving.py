@@ -85,16 +85,7 @@ def api_server(
     log_file: Path,
 ) -> Iterator[RunningServer]:
     """LLaMA-Factory's API server, answering on `settings.host:port`, for the `with` block; stopped on the way out."""
-    command = api_server_command(
-        engine,
-        model,
-        host=settings.host,
-        port=port,
-        api_key=api_key,
-        max_concurrent=settings.max_concurrent,
-        do_sample=settings.do_sample,
-        env=device_env,
-    )
+    command = api_server_command(engine, model, settings, port=port, api_key=api_key, env=device_env)
     base_url = f"http://{settings.host}:{port}"
     with process.start_background(command.argv, env=command.env, log_file=log_file) as server:
         startup_s = wait_until_ready(server, base_url, api_key, settings.startup_timeout_s)

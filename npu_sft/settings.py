@@ -241,7 +241,24 @@ def load_pipeline(config_file: str | Path, overrides: list[str] | None = None) -
     _check_eval_split(pipeline)
     _check_gate(pipeline)
     _check_serving_key(pipeline)
+    _check_serve_backend(pipeline)
     return pipeline
+
+
+def _check_serve_backend(pipeline: Pipeline) -> None:
+    serve = pipeline.settings.serve
+    if serve.backend != "vllm":
+        return
+    if pipeline.settings.devices.kind == "cpu":
+        raise ConfigError(
+            f"{pipeline.config_file}: serve.backend: vllm does not run on the CPU (devices.kind: cpu); use huggingface"
+        )
+    rank = int(pipeline.llamafactory.get("lora_rank", 8))
+    if rank > serve.vllm.max_lora_rank:
+        raise ConfigError(
+            f"{pipeline.config_file}: serve.vllm.max_lora_rank: {serve.vllm.max_lora_rank} is below the adapter's "
+            f"lora_rank {rank} ({pipeline.llamafactory_file.name}); vLLM would refuse the adapter, raise it"
+        )
 
 
 def _check_serving_key(pipeline: Pipeline) -> None:

@@ -31,7 +31,7 @@ def serve_smoke_test(
             settings.engine,
             settings.serve,
             model,
-            device_env=lease.env(),
+            device_env={**lease.env(), **settings.serve.backend_env(lease.kind)},
             port=lease.master_port,
             log_file=run.logs_dir / "serve.log",
         )

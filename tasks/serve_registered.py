@@ -48,7 +48,7 @@ def smoke_serve(pipeline: Pipeline, model_path: Path, adapter: RegisteredAdapter
             settings.engine,
             settings.serve,
             model,
-            device_env=lease.env(),
+            device_env={**lease.env(), **settings.serve.backend_env(lease.kind)},
             port=lease.master_port,
             log_file=_serve_log(pipeline),
         )
@@ -83,7 +83,7 @@ def serve_until_cancelled(pipeline: Pipeline, model_path: Path, adapter: Registe
                 settings.engine,
                 settings.serve,
                 model,
-                device_env=lease.env(),
+                device_env={**lease.env(), **settings.serve.backend_env(lease.kind)},
                 port=port,
                 api_key=api_key,
                 log_file=_serve_log(pipeline),

@@ -16,6 +16,7 @@ from npu_sft.engine import (
     served_name,
     torchrun_train_command,
 )
+from npu_sft.serve_settings import ServeSettings
 
 
 def test_torchrun_argv_matches_the_seed_launch(engine_python: Path) -> None:
@@ -49,7 +50,7 @@ def test_api_server_binds_loopback_with_key_and_quiet_request_logging(engine_pyt
     command = api_server_command(
         EngineSettings(python=str(engine_python)),
         ServedModel(served_name("qwen7b-lora", "3"), base_model="/m", adapter="/a", template="qwen"),
-        host="127.0.0.1", port=18000, api_key="k3y", max_concurrent=4,
+        ServeSettings(max_concurrent=4), port=18000, api_key="k3y",
     )
     assert command.env["API_HOST"] == "127.0.0.1"
     assert command.env["API_KEY"] == "k3y"
@@ -79,7 +80,7 @@ def test_a_docker_exec_engine_gets_the_api_key_by_name_never_its_value(engine_py
     engine = EngineSettings(python="python", command_prefix=["docker", "exec", "-i", "llamafactory"],
                             env_script="/usr/local/Ascend/ascend-toolkit/set_env.sh")
     model = ServedModel("m:v1", base_model="/m", adapter="/a", template="qwen")
-    command = api_server_command(engine, model, host="127.0.0.1", port=8000, api_key="s3cret-k3y", max_concurrent=1,
+    command = api_server_command(engine, model, ServeSettings(), port=8000, api_key="s3cret-k3y",
                                  env={"ASCEND_RT_VISIBLE_DEVICES": "3"})
     assert command.argv[:6] == ["docker", "exec", "-e", "API_KEY", "-i", "llamafactory"]
     assert not any("s3cret-k3y" in arg for arg in command.argv)
@@ -92,6 +93,35 @@ def test_a_prefix_that_cannot_take_a_key_by_name_is_refused() -> None:
     for prefix in (["ssh", "npu-host"], ["sudo", "docker", "exec", "llamafactory"]):
         engine = EngineSettings(python="python", command_prefix=prefix)
         with pytest.raises(SecretInArgvError, match=r"^engine.command_prefix: .* cannot receive the API key"):
-            api_server_command(engine, model, host="127.0.0.1", port=8000, api_key="k", max_concurrent=1)
+            api_server_command(engine, model, ServeSettings(), port=8000, api_key="k")
         # Training carries no secret: the same prefix runs it.
         assert torchrun_train_command(engine, DistributedLaunch(1, 29500), "c.yaml").argv[: len(prefix)] == prefix
+
+
+def test_the_vllm_backend_on_npus_runs_as_the_seeds_run_it() -> None:
+    """The seeds: USE_MODELSCOPE_HUB=1, ASCEND_RT_VISIBLE_DEVICES, PYTORCH_NPU_ALLOC_CONF=max_split_size_mb:256,
+    VLLM_WORKER_MULTIPROC_METHOD=spawn, `llamafactory-cli chat --model_name_or_path ... --adapter_name_or_path ...
+    --template qwen --finetuning_type lora --infer_backend vllm` (here `api`, the same arguments)."""
+    engine = EngineSettings(python="python", command_prefix=["docker", "exec", "-i", "llamafactory"],
+                            env={"USE_MODELSCOPE_HUB": "1"})
+    settings = ServeSettings(backend="vllm", vllm={"max_lora_rank": 16})
+    model = ServedModel("qwen7b-lora:v2", base_model="qwen/Qwen1.5-7B", adapter="/r/qwen7b-lora-v2", template="qwen")
+    env = {"ASCEND_RT_VISIBLE_DEVICES": "0", **settings.backend_env("npu")}
+    command = api_server_command(engine, model, settings, port=8000, api_key="k" * 32, env=env)
+    api = command.argv.index("api")
+    assert command.argv[api - 3:api] == ["python", "-m", "llamafactory.cli"]
+    assert command.argv[api + 1:api + 11] == [
+        "--model_name_or_path", "qwen/Qwen1.5-7B", "--adapter_name_or_path", "/r/qwen7b-lora-v2",
+        "--template", "qwen", "--finetuning_type", "lora", "--infer_backend", "vllm",
+    ]
+    assert command.argv[api + 11:] == [
+        "--do_sample", "false", "--vllm_maxlen", "4096", "--vllm_gpu_util", "0.7", "--vllm_enforce_eager", "false",
+        "--vllm_max_lora_rank", "16",
+    ]
+    for variable in ("USE_MODELSCOPE_HUB=1", "ASCEND_RT_VISIBLE_DEVICES=0", "PYTORCH_NPU_ALLOC_CONF=max_split_size_mb:256",
+                     "VLLM_WORKER_MULTIPROC_METHOD=spawn"):
+        assert variable in command.argv[:api]  # through `env` inside the container
+    assert settings.backend_env("gpu") == {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    with pytest.raises(ValueError, match="vllm does not run on the CPU"):
+        settings.backend_env("cpu")
+    assert ServeSettings().backend_env("npu") == {}

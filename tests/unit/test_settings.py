@@ -144,3 +144,12 @@ def test_a_serving_pipeline_behind_ssh_is_refused_at_load(tiny_config: Path) -> 
     assert "\n" not in message
     assert load_pipeline(tiny_config, ["engine.command_prefix=[ssh, npu-host]", "serve.enabled=false"])
     assert load_pipeline(tiny_config, ["engine.command_prefix=[docker, exec, -i, llamafactory]"])
+
+
+def test_vllm_serving_is_refused_on_the_cpu_and_below_the_adapter_rank(tiny_config: Path) -> None:
+    with pytest.raises(ConfigError, match=r"serve.backend: vllm does not run on the CPU \(devices.kind: cpu\)"):
+        load_pipeline(tiny_config, ["serve.backend=vllm", "devices.kind=cpu"])
+    with pytest.raises(ConfigError, match=r"serve.vllm.max_lora_rank: 4 is below the adapter's lora_rank 8"):
+        load_pipeline(tiny_config, ["serve.backend=vllm", "devices.kind=npu", "serve.vllm.max_lora_rank=4",
+                                    "llamafactory.overrides.lora_rank=8"])
+    assert load_pipeline(tiny_config, ["serve.backend=vllm", "devices.kind=npu"]).settings.serve.backend == "vllm"
