@@ -16,6 +16,7 @@ test: setup
 bench: setup
 	.venv/bin/python benchmarks/bench_train_overhead.py
 	.venv/bin/python benchmarks/bench_eval_overhead.py
+	.venv/bin/python benchmarks/bench_serve.py
 
 up: setup
 	scripts/up
