@@ -15,20 +15,28 @@ from npu_sft.devices import VISIBLE_DEVICES_VAR, take_inventory
 from npu_sft.devices.leases import candidate_ids
 from npu_sft.download import download_model, find_cached_download
 from npu_sft.download.datasets import with_downloaded_datasets
-from npu_sft.engine import DistributedLaunch, render_command, torchrun_train_command
+from npu_sft.engine import (
+    DistributedLaunch,
+    ServedModel,
+    api_server_command,
+    render_command,
+    served_name,
+    torchrun_train_command,
+)
 from npu_sft.llamafactory_config import check_with_engine, resolve_train_config
-from npu_sft.settings import Pipeline, TinyModelSource
+from npu_sft.settings import ConfigError, Pipeline, TinyModelSource
 from npu_sft.tiny_model import ensure_tiny_model, tokenizer_file
 
 MASTER_PORT_PLACEHOLDER = 0  # chosen (and reserved) when the task leases its devices
+SERVE_SHOWN_ENV = ("API_HOST", "API_PORT", "API_MODEL_NAME", "MAX_CONCURRENT", "API_VERBOSE")  # never API_KEY
 TOKENIZER_PATTERNS = ["tokenizer*", "vocab*", "merges.txt", "*.json", "*.model", "*.tiktoken"]
 
 
-def planned_train_devices(pipeline: Pipeline) -> tuple[str, tuple[int, ...], dict[str, str]]:
-    """The devices the train task would lease if it started now (kind, ids, visible-devices env); leases nothing."""
+def planned_devices(pipeline: Pipeline, task: str) -> tuple[str, tuple[int, ...], dict[str, str]]:
+    """The devices `task` would lease if it started now (kind, ids, visible-devices env); leases nothing."""
     settings = pipeline.settings.devices
     inventory = take_inventory(settings)
-    candidates, needed = candidate_ids(inventory, settings.request_for("train"), "train")
+    candidates, needed = candidate_ids(inventory, settings.request_for(task), task)
     ids = tuple(candidates[:needed])
     variable = VISIBLE_DEVICES_VAR.get(inventory.kind)
     env = {variable: ",".join(map(str, ids))} if variable else {}
@@ -38,7 +46,7 @@ def planned_train_devices(pipeline: Pipeline) -> tuple[str, tuple[int, ...], dic
 def render_plan(pipeline: Pipeline) -> list[RenderableType]:
     settings = pipeline.settings
     check_with_engine(pipeline)
-    kind, ids, device_env = planned_train_devices(pipeline)
+    kind, ids, device_env = planned_devices(pipeline, "train")
     run_dir = pipeline.state_dir / "runs" / "<mlflow-run-id>"
     config = resolve_train_config(
         pipeline,
@@ -68,8 +76,31 @@ def render_plan(pipeline: Pipeline) -> list[RenderableType]:
         Syntax(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), "yaml"),
         Text("Engine command:", style="bold"),
         Text(line),
+        Text(f"Serve command (the serve flow, {settings.publish.registered_model} version <N>, e.g. champion):",
+             style="bold"),
+        Text(_serve_line(pipeline)),
         Text("Nothing was started: no download, no dataset preparation, no device lease.", style="dim"),
     ]
+
+
+def _serve_line(pipeline: Pipeline) -> str:
+    """The API server the serve flow would start with `keep_serving` on port 8000; the key is never shown."""
+    settings = pipeline.settings
+    kind, _, device_env = planned_devices(pipeline, "serve")
+    try:
+        env = {**device_env, **settings.serve.backend_env(kind)}
+    except ValueError as err:  # devices.kind auto found no accelerator
+        raise ConfigError(f"{pipeline.config_file}: {err}") from None
+    name = settings.publish.registered_model
+    model = ServedModel(
+        served_name(name, "<N>"),
+        _planned_model_path(pipeline),
+        str(pipeline.state_dir / "registry" / f"{name}-v<N>"),
+        str(pipeline.llamafactory.get("template", "default")),
+    )
+    command = api_server_command(settings.engine, model, settings.serve, port=8000, api_key="", env=env)
+    shown = [*env, *settings.engine.env, *SERVE_SHOWN_ENV] if settings.engine.is_local else []
+    return render_command(command, shown)
 
 
 def _planned_data_args(pipeline: Pipeline) -> dict[str, object]:

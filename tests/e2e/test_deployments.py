@@ -278,6 +278,13 @@ def test_serve_keeps_serving_until_the_run_is_cancelled(project: Project) -> Non
     assert not _answers(f"{base}/models", {"Authorization": f"Bearer {api_key}"})
     assert project.mlflow().get_model_version("tiny-qwen2-lora", "1").tags["serving.status"] == "stopped"
     assert any("stopped" in str(artifact.data) for artifact in endpoint_artifacts(project))
+    acquire_lease(project.devices, "serve").release()  # the serve devices are free again
+    # The key was in no MLflow field: no run's params or tags, no version's tags.
+    registry = project.mlflow()
+    runs = registry.search_runs([e.experiment_id for e in registry.search_experiments()])
+    fields = [*(str(run.data.params) + str(run.data.tags) for run in runs),
+              *(str(version.tags) for version in registry.search_model_versions("name='tiny-qwen2-lora'"))]
+    assert runs and not [field for field in fields if api_key in field]
 
 
 def use_the_endpoint(project: Project, base: str, api_key: str, flow_run_id: str) -> None:

@@ -83,12 +83,33 @@ def test_plan_for_the_seed_recipe_on_an_8_card_host(tmp_path: Path, repo: Path, 
     out = result.stdout
     assert "--nproc_per_node 1" in out and "-m llamafactory.launcher" in out
     assert "deepspeed: " + str(repo / "configs/deepspeed/ds_z0_config.json") in out
-    visible = [w for w in out.split() if w.startswith("ASCEND_RT_VISIBLE_DEVICES=")]
+    visible = [w for w in out[:out.index("Serve command")].split() if w.startswith("ASCEND_RT_VISIBLE_DEVICES=")]
     assert len(visible) == 1
     card = int(visible[0].split("=")[1])
     busy_fixture = (FAKES.parent / "fixtures/devices/npu_smi_info_8x910B3_busy.txt").read_text()
     assert f"| {card}       " not in busy_fixture.split("Process id")[-1]  # not a card with a foreign process
     assert not (tmp_path / ".npu-sft" / "runs").exists() and not (tmp_path / "mlruns").exists()
+    # The serve flow's server: greedy on the huggingface backend, listed as the version it serves, never the key.
+    serve = out[out.index("Serve command"):]
+    assert "-m llamafactory.cli api" in serve and "--infer_backend huggingface --do_sample false" in serve
+    assert "API_MODEL_NAME='qwen1_5-7b-lora:v<N>'" in serve
+    assert "API_KEY" not in serve
+
+
+@pytest.mark.e2e
+def test_plan_shows_the_seeds_vllm_serving_on_npus(tmp_path: Path, repo: Path, engine_python: Path) -> None:
+    result = npu_sft(
+        "plan", str(repo / "configs/qwen7b.yaml"), "--set", "serve.backend=vllm", "--set", f"engine.python={engine_python}",
+        "--set", "engine.env_script=null", "--set", f"devices.state_dir={tmp_path / 'leases'}",
+        cwd=tmp_path, extra_env={"PATH": f"{FAKES}:{os.environ['PATH']}", "FAKE_NPU_SMI_FIXTURE": "8x910B3", "COLUMNS": "400"},
+    )
+    assert result.returncode == 0, result.stderr
+    serve = result.stdout[result.stdout.index("Serve command"):]
+    for expected in ("ASCEND_RT_VISIBLE_DEVICES=", "PYTORCH_NPU_ALLOC_CONF=max_split_size_mb:256",
+                     "VLLM_WORKER_MULTIPROC_METHOD=spawn", "USE_MODELSCOPE_HUB=1",
+                     "--template qwen --finetuning_type lora --infer_backend vllm"):
+        assert expected in serve, expected
+    assert "API_KEY" not in serve
 
 
 @pytest.mark.e2e
