@@ -23,8 +23,9 @@ ENGINE_SCRIPTS = Path(__file__).parent / "engine_scripts"
 DEFAULT_ENGINE_PYTHON = ".npu-sft/engine/bin/python"
 # Handed to an engine behind a prefix by name only, never as a value in an argv (anyone on the host reads argv in `ps`)
 SECRET_VARS = frozenset({"API_KEY"})
-# Prefixes that take `-e NAME` and read its value from their own environment, which is ours.
-_BY_NAME_TOOLS = {"docker": ("exec", "run"), "podman": ("exec", "run")}
+# Prefixes that take `-e NAME` after these subcommands and read its value from their own environment, which is ours.
+_BY_NAME_TOOLS = ("docker", "podman")
+_BY_NAME_SUBCOMMANDS = ("exec", "run")
 
 
 class SecretInArgvError(ValueError):
@@ -33,8 +34,14 @@ class SecretInArgvError(ValueError):
 
 def passes_secrets_by_name(prefix: Sequence[str]) -> bool:
     """`docker exec`/`podman exec` (or `run`): `-e API_KEY` without a value reads the key from their environment."""
-    subcommands = _BY_NAME_TOOLS.get(Path(prefix[0]).name, ()) if prefix else ()
-    return any(word in subcommands for word in prefix[1:])
+    return _by_name_position(prefix) is not None
+
+
+def _by_name_position(prefix: Sequence[str]) -> int | None:
+    """Where `-e NAME` goes in a docker/podman prefix: right after its subcommand."""
+    if not prefix or Path(prefix[0]).name not in _BY_NAME_TOOLS:
+        return None
+    return next((i + 1 for i, word in enumerate(prefix) if i > 0 and word in _BY_NAME_SUBCOMMANDS), None)
 
 
 def secret_refusal(prefix: Sequence[str]) -> str:
@@ -124,10 +131,10 @@ def _wrap(engine: EngineSettings, inner: Sequence[str], env: Mapping[str, str]) 
         argv = ["bash", "-c", 'source "$0" && exec "$@"', engine.env_script, *argv]
     secret = sorted(key for key in env if key in SECRET_VARS)
     if prefix and secret:
-        if not passes_secrets_by_name(prefix):
+        at = _by_name_position(prefix)
+        if at is None:
             raise SecretInArgvError(f"engine.command_prefix: {secret_refusal(prefix)}")
-        # By name right after the subcommand; the value reaches docker through its environment (EngineCommand.env).
-        at = next(i for i, word in enumerate(prefix) if i > 0 and word in ("exec", "run")) + 1
+        # By name only; the value reaches docker through its own environment (EngineCommand.env).
         prefix[at:at] = [arg for key in secret for arg in ("-e", key)]
     return [*prefix, *argv]
 
