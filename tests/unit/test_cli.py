@@ -62,23 +62,29 @@ def test_engine_python_that_does_not_exist(tmp_path: Path, demo_copy: Path) -> N
     assert_refused_before_anything_started(result, tmp_path, "engine.python", "/opt/missing/bin/python does not exist")
 
 
-def test_more_train_devices_than_the_host_has(tmp_path: Path, repo: Path, engine_python: Path) -> None:
-    result = npu_sft(
-        "plan", str(repo / "configs/qwen7b.yaml"), "--set", "devices.train=9", "--set", f"engine.python={engine_python}",
+def plan_qwen7b_on_fake_host(
+    tmp_path: Path, repo: Path, engine_python: Path, setting: str, fixture: str, columns: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`npu-sft plan configs/qwen7b.yaml --set SETTING` on a host whose npu-smi answers with `fixture`."""
+    extra_env = {"PATH": f"{FAKES}:{os.environ['PATH']}", "FAKE_NPU_SMI_FIXTURE": fixture}
+    if columns:
+        extra_env["COLUMNS"] = columns
+    return npu_sft(
+        "plan", str(repo / "configs/qwen7b.yaml"), "--set", setting, "--set", f"engine.python={engine_python}",
         "--set", "engine.env_script=null", "--set", f"devices.state_dir={tmp_path / 'leases'}",
-        cwd=tmp_path, extra_env={"PATH": f"{FAKES}:{os.environ['PATH']}", "FAKE_NPU_SMI_FIXTURE": "8x910B3"},
+        cwd=tmp_path, extra_env=extra_env,
     )
+
+
+def test_more_train_devices_than_the_host_has(tmp_path: Path, repo: Path, engine_python: Path) -> None:
+    result = plan_qwen7b_on_fake_host(tmp_path, repo, engine_python, "devices.train=9", "8x910B3")
     assert_refused_before_anything_started(result, tmp_path, "asks for 9 npu devices but this host has 8")
 
 
 @pytest.mark.e2e
 def test_plan_for_the_seed_recipe_on_an_8_card_host(tmp_path: Path, repo: Path, engine_python: Path) -> None:
     """The seed's single-card launch: torchrun --nproc_per_node 1 with ASCEND_RT_VISIBLE_DEVICES naming a free card."""
-    result = npu_sft(
-        "plan", str(repo / "configs/qwen7b.yaml"), "--set", "devices.train=1", "--set", f"engine.python={engine_python}",
-        "--set", "engine.env_script=null", "--set", f"devices.state_dir={tmp_path / 'leases'}",
-        cwd=tmp_path, extra_env={"PATH": f"{FAKES}:{os.environ['PATH']}", "FAKE_NPU_SMI_FIXTURE": "8x910B3_busy", "COLUMNS": "400"},
-    )
+    result = plan_qwen7b_on_fake_host(tmp_path, repo, engine_python, "devices.train=1", "8x910B3_busy", columns="400")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "--nproc_per_node 1" in out and "-m llamafactory.launcher" in out
@@ -98,11 +104,7 @@ def test_plan_for_the_seed_recipe_on_an_8_card_host(tmp_path: Path, repo: Path, 
 
 @pytest.mark.e2e
 def test_plan_shows_the_seeds_vllm_serving_on_npus(tmp_path: Path, repo: Path, engine_python: Path) -> None:
-    result = npu_sft(
-        "plan", str(repo / "configs/qwen7b.yaml"), "--set", "serve.backend=vllm", "--set", f"engine.python={engine_python}",
-        "--set", "engine.env_script=null", "--set", f"devices.state_dir={tmp_path / 'leases'}",
-        cwd=tmp_path, extra_env={"PATH": f"{FAKES}:{os.environ['PATH']}", "FAKE_NPU_SMI_FIXTURE": "8x910B3", "COLUMNS": "400"},
-    )
+    result = plan_qwen7b_on_fake_host(tmp_path, repo, engine_python, "serve.backend=vllm", "8x910B3", columns="400")
     assert result.returncode == 0, result.stderr
     serve = result.stdout[result.stdout.index("Serve command"):]
     for expected in ("ASCEND_RT_VISIBLE_DEVICES=", "PYTORCH_NPU_ALLOC_CONF=max_split_size_mb:256",
