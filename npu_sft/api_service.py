@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from prefect.blocks.system import Secret
+
 from npu_sft.engine import EngineSettings, ServedModel
 from npu_sft.serving import ServeError, api_server
 from npu_sft.settings import ServeSettings
@@ -20,14 +22,34 @@ MIN_API_KEY_LENGTH = 16
 HEALTH_INTERVAL_S = 10.0
 
 
-def check_api_key(environ: Mapping[str, str]) -> str:
-    key = environ.get(API_KEY_VAR, "")
+def load_api_key(settings: ServeSettings, environ: Mapping[str, str]) -> str:
+    """The key clients must send: the Prefect Secret block `serve.api_key_secret` names, else the worker's
+    NPU_SFT_API_KEY. Never a flow parameter or a config value: those are stored and shown in the UIs."""
+    if settings.api_key_secret:
+        where = f"the Prefect Secret block {settings.api_key_secret!r} (serve.api_key_secret)"
+        key = _secret_block_value(settings.api_key_secret, where)
+    else:
+        where = f"{API_KEY_VAR} in the worker's environment (or name a Prefect Secret block in serve.api_key_secret)"
+        key = environ.get(API_KEY_VAR, "")
     if len(key) < MIN_API_KEY_LENGTH:
         raise ServeError(
-            f"{API_KEY_VAR} must hold the API key clients will use (at least {MIN_API_KEY_LENGTH} characters) in "
-            "the worker's environment; LLaMA-Factory's API server accepts anyone without one"
+            f"serving on {settings.host} needs an API key: {where} must hold the key clients will use (at least "
+            f"{MIN_API_KEY_LENGTH} characters); LLaMA-Factory's API server accepts anyone without one"
         )
     return key
+
+
+def _secret_block_value(name: str, where: str) -> str:
+    try:
+        value = Secret.load(name).get()
+    except ValueError:  # Prefect's "Unable to find block document named ..."
+        raise ServeError(
+            f"{where} does not exist on the Prefect server; create it in the UI (Blocks, Secret) or with "
+            f"prefect.blocks.system.Secret(value=...).save({name!r})"
+        ) from None
+    if not isinstance(value, str):
+        raise ServeError(f"{where} holds a {type(value).__name__}, not the key as a string")
+    return value
 
 
 def check_port_free(host: str, port: int) -> None:

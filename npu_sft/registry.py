@@ -14,6 +14,7 @@ from npu_sft.settings import MlflowSettings
 from npu_sft.tracking import client_for, tracking_uri
 
 LATEST = "latest"
+RUNS_PREFIX = "runs:/"  # MLflow's URI for a run's artifacts; here: the version published from that run
 CHAMPION = "champion"  # the alias the publish gate gives a version that passed it
 ADAPTER_MARKER = "adapter_config.json"  # what makes a directory a PEFT adapter
 
@@ -36,9 +37,11 @@ class RegisteredAdapter:
 
 
 def resolve_version(settings: MlflowSettings, name: str, version: str) -> str:
-    """A version number (checked to exist), `latest` (the highest number), or an alias such as `champion` (also
-    written `@champion`), which the publish gate moves."""
+    """A version number (checked to exist), `latest` (the highest number), an alias such as `champion` (also
+    written `@champion`), which the publish gate moves, or `runs:/<run_id>`: the version published from that run."""
     client = client_for(settings)
+    if version.startswith(RUNS_PREFIX):
+        return _version_of_run(settings, name, version.removeprefix(RUNS_PREFIX).strip("/").split("/")[0])
     if version.isdigit():
         try:
             client.get_model_version(name, version)
@@ -63,6 +66,18 @@ def resolve_version(settings: MlflowSettings, name: str, version: str) -> str:
             + f"; give a version number or {LATEST}"
         )
     return str(aliased)
+
+
+def _version_of_run(settings: MlflowSettings, name: str, run_id: str) -> str:
+    if not run_id.isalnum():  # also keeps the filter string below well-formed
+        raise RegistryError(f"{RUNS_PREFIX}{run_id} is not an MLflow run id")
+    versions = client_for(settings).search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    if not versions:
+        raise RegistryError(
+            f"run {run_id} published no version of {name!r} in {tracking_uri(settings)} (publish.enabled was false, "
+            "or the run failed before the publish stage); give a version number, an alias or latest"
+        )
+    return str(min(int(v.version) for v in versions))  # publishing a run twice creates no second version
 
 
 def run_of_version(settings: MlflowSettings, name: str, version: str) -> str:

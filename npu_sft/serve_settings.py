@@ -51,6 +51,11 @@ class ServeSettings(BaseModel):
         "request may still send do_sample: true",
     )
     startup_timeout_s: float = Field(300, gt=0)
+    api_key_secret: str | None = Field(
+        None,
+        description="name of the Prefect Secret block holding the key clients send when the flow keeps serving; "
+        "unset: the worker's NPU_SFT_API_KEY",
+    )
 
     def backend_args(self) -> list[str]:
         """The engine arguments after `api --model_name_or_path ... --template ...`."""

@@ -11,7 +11,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from npu_sft import registry
-from npu_sft.api_service import check_api_key, serve_until_stopped
+from npu_sft.api_service import API_KEY_VAR, load_api_key, serve_until_stopped
 from npu_sft.devices import lease_devices
 from npu_sft.engine import served_name
 from npu_sft.registry import RegisteredAdapter
@@ -63,7 +63,9 @@ def serve_until_cancelled(pipeline: Pipeline, model_path: Path, adapter: Registe
     model are a Prefect link artifact and `serving.*` tags of the model version; the version says `stopped` after."""
     logger = get_run_logger()
     settings = pipeline.settings
-    api_key = check_api_key(os.environ)
+    api_key = load_api_key(settings.serve, os.environ)
+    secret = settings.serve.api_key_secret
+    key_source = f"in the Prefect Secret block {secret!r}" if secret else f"the worker has in {API_KEY_VAR}"
     model = served_model(pipeline, served_name(adapter.name, adapter.version), model_path, adapter.path)
     announced: list[str] = []
 
@@ -73,8 +75,7 @@ def serve_until_cancelled(pipeline: Pipeline, model_path: Path, adapter: Registe
         registry.mark_serving(settings.mlflow, adapter.name, adapter.version, url=url, model=model.name,
                               flow_run=str(flow_run.get_id()))
         create_link_artifact(url, link_text=f"{model.name} (OpenAI API)", key=ENDPOINT_ARTIFACT_KEY,
-                             description=f"`{adapter.uri}` on `{model_path.name}`; clients send the worker's "
-                             "NPU_SFT_API_KEY")
+                             description=f"`{adapter.uri}` on `{model_path.name}`; clients send the key {key_source}")
         announced.append(url)
 
     with lease_devices(settings.devices, task="serve", flow_run_id=flow_run.get_id(), on_wait=logger.info) as lease:

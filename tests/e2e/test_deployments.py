@@ -1,7 +1,8 @@
 """`make up`'s scripts on a scratch project, for real: Prefect server, worker, MLflow, reconciler, the deployments.
 
 One project for the module, in test order: up, deploy, up again, sft/tiny and serve/tiny from the CLI, serving
-until cancelled, a worker killed mid-run, a flow process killed mid-run, down mid-run. About five minutes on 2 cores.
+until cancelled or sent SIGTERM, a worker killed mid-run, a flow process killed mid-run, down mid-run. About six minutes
+on 2 cores.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ import openai
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
+from prefect.blocks.system import Secret
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.objects import StateType
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from npu_sft import host_processes
 from npu_sft.devices import DeviceSettings, acquire_lease, current_leases
@@ -251,30 +254,44 @@ def _answers(url: str, headers: dict[str, str]) -> bool:
         return False
 
 
-def test_serve_keeps_serving_until_the_run_is_cancelled(project: Project) -> None:
-    port = free_port()
+def start_serving(project: Project, port: int, **parameters: object) -> UUID:
+    """serve/tiny with keep_serving, as a user starts it from the UI; returns its flow run id."""
     with project.prefect() as client:
         deployment = client.read_deployment_by_name("serve/tiny")
         flow_run = client.create_flow_run_from_deployment(
-            deployment.id, parameters={"overrides": project.overrides[1:], "keep_serving": True, "port": port}
+            deployment.id, parameters={"keep_serving": True, "port": port, **parameters}
         )
+    return flow_run.id
+
+
+def test_serve_keeps_serving_until_the_run_is_cancelled(project: Project) -> None:
+    # The key from a Prefect Secret block, as a team keeps it; the worker's NPU_SFT_API_KEY is then not the key.
+    api_key = secrets.token_urlsafe(24)
+    with temporary_settings({PREFECT_API_URL: project.settings.api_url}):
+        Secret(value=api_key).save("e2e-serve-key", overwrite=True)
+    published_by = project.mlflow().get_model_version("tiny-qwen2-lora", "1").run_id
+    port = free_port()
+    flow_run_id = start_serving(
+        project, port, model_version=f"runs:/{published_by}",
+        overrides=[*project.overrides[1:], "serve.api_key_secret=e2e-serve-key"],
+    )
     base = f"http://127.0.0.1:{port}/v1"
-    api_key = project.env["NPU_SFT_API_KEY"]
     wait_for("the API server to answer", lambda: _answers(f"{base}/models", {"Authorization": f"Bearer {api_key}"}),
              timeout_s=240)
+    assert not _answers(f"{base}/models", {"Authorization": f"Bearer {project.env['NPU_SFT_API_KEY']}"})
     try:
-        use_the_endpoint(project, base, api_key, str(flow_run.id))
+        use_the_endpoint(project, base, api_key, str(flow_run_id))
     finally:  # a failed check must not leave the server holding the serve devices for the tests after this one
-        cancel = project.prefect_cli("flow-run", "cancel", str(flow_run.id), timeout=60)
+        cancel = project.prefect_cli("flow-run", "cancel", str(flow_run_id), timeout=60)
     assert cancel.returncode == 0, cancel.stdout + cancel.stderr
 
     def cancelled() -> bool:
         with project.prefect() as client:
-            state = client.read_flow_run(flow_run.id).state
+            state = client.read_flow_run(flow_run_id).state
         return state is not None and state.type == StateType.CANCELLED
 
     wait_for("the flow run to be Cancelled", cancelled, timeout_s=90)
-    wait_for("the API server to be gone", lambda: not processes_of(flow_run.id), timeout_s=60)
+    wait_for("the API server to be gone", lambda: not processes_of(flow_run_id), timeout_s=60)
     assert not _answers(f"{base}/models", {"Authorization": f"Bearer {api_key}"})
     assert project.mlflow().get_model_version("tiny-qwen2-lora", "1").tags["serving.status"] == "stopped"
     assert any("stopped" in str(artifact.data) for artifact in endpoint_artifacts(project))
@@ -285,6 +302,22 @@ def test_serve_keeps_serving_until_the_run_is_cancelled(project: Project) -> Non
     fields = [*(str(run.data.params) + str(run.data.tags) for run in runs),
               *(str(version.tags) for version in registry.search_model_versions("name='tiny-qwen2-lora'"))]
     assert runs and not [field for field in fields if api_key in field]
+
+
+def test_sigterm_to_a_serving_flow_stops_the_server_and_frees_its_devices(project: Project) -> None:
+    """What `kill`, systemd or a container runtime sends the flow's process: the same clean stop as a cancel."""
+    port = free_port()
+    flow_run_id = start_serving(project, port, overrides=project.overrides[1:])  # the champion, the worker's key
+    headers = {"Authorization": f"Bearer {project.env['NPU_SFT_API_KEY']}"}
+    base = f"http://127.0.0.1:{port}/v1"
+    wait_for("the API server to answer", lambda: _answers(f"{base}/models", headers), timeout_s=240)
+    (engine,) = [info for info in processes_of(flow_run_id) if is_flow_engine(info)]
+    os.kill(engine.pid, signal.SIGTERM)
+    wait_for("the flow's processes and the API server to be gone", lambda: not processes_of(flow_run_id),
+             timeout_s=60)
+    assert not _answers(f"{base}/models", headers)
+    acquire_lease(project.devices, "serve").release()  # the serve devices are free again
+    assert project.mlflow().get_model_version("tiny-qwen2-lora", "1").tags["serving.status"] == "stopped"
 
 
 def use_the_endpoint(project: Project, base: str, api_key: str, flow_run_id: str) -> None:

@@ -9,9 +9,10 @@ import pytest
 
 from npu_sft import registry
 from npu_sft.adapter_model import AdapterFacts, log_adapter_model
-from npu_sft.api_service import API_KEY_VAR, check_api_key, check_port_free
+from npu_sft.api_service import API_KEY_VAR, check_port_free, load_api_key
 from npu_sft.publishing import register_version
 from npu_sft.registry import RegistryError
+from npu_sft.serve_settings import ServeSettings
 from npu_sft.serving import ServeError
 from npu_sft.settings import MlflowSettings
 from npu_sft.tracking import RunTracker, client_for
@@ -54,6 +55,17 @@ def test_an_alias_names_the_version_the_publish_gate_promoted(store: MlflowSetti
         client_for(store).delete_registered_model_alias(MODEL, "champion")
 
 
+def test_a_run_names_the_version_published_from_it(store: MlflowSettings) -> None:
+    first = client_for(store).get_model_version(MODEL, "1").run_id
+    assert registry.resolve_version(store, MODEL, f"runs:/{first}") == "1"
+    assert registry.resolve_version(store, MODEL, f"runs:/{first}/adapter") == "1"
+    unpublished = r"^run 0+ published no version of 'tiny-qwen2-lora' in .* \(publish.enabled was false"
+    with pytest.raises(RegistryError, match=unpublished):
+        registry.resolve_version(store, MODEL, "runs:/" + "0" * 32)
+    with pytest.raises(RegistryError, match="is not an MLflow run id"):
+        registry.resolve_version(store, MODEL, "runs:/x' or name='y")
+
+
 def test_missing_versions_and_models_are_clear_errors(store: MlflowSettings) -> None:
     with pytest.raises(RegistryError, match="no version 9"):
         registry.resolve_version(store, MODEL, "9")
@@ -78,11 +90,14 @@ def test_tagging_a_version(store: MlflowSettings) -> None:
 
 
 def test_keep_serving_needs_a_real_api_key() -> None:
+    everywhere = ServeSettings(host="0.0.0.0")
+    with pytest.raises(ServeError, match=rf"^serving on 0.0.0.0 needs an API key: {API_KEY_VAR} in the worker"):
+        load_api_key(everywhere, {})
+    with pytest.raises(ServeError, match="at least 16 characters"):
+        load_api_key(everywhere, {API_KEY_VAR: "short"})
+    assert load_api_key(everywhere, {API_KEY_VAR: "k" * 32}) == "k" * 32
     with pytest.raises(ServeError, match=API_KEY_VAR):
-        check_api_key({})
-    with pytest.raises(ServeError, match=API_KEY_VAR):
-        check_api_key({API_KEY_VAR: "short"})
-    assert check_api_key({API_KEY_VAR: "k" * 32}) == "k" * 32
+        load_api_key(ServeSettings(), {})  # loopback too: any local user could reach it
 
 
 def test_a_taken_port_is_refused() -> None:
