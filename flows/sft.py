@@ -16,6 +16,7 @@ from tasks.evaluate import evaluate
 from tasks.model import fetch_model
 from tasks.prepare import download_datasets, prepare_data, record_datasets
 from tasks.publish import publish
+from tasks.push import check_push_token, push_to_modelscope
 from tasks.serve import serve_smoke_test
 from tasks.tracking import TRACKING_HOOKS, start_tracking
 from tasks.train import train
@@ -34,6 +35,8 @@ class SftResult:
 def sft(config: str, overrides: list[str] | None = None) -> SftResult:
     pipeline = load_pipeline(config, overrides)
     check_engine_config(pipeline)
+    if pipeline.settings.publish.modelscope:
+        check_push_token(pipeline)
     run = start_tracking(pipeline)
     model_path = fetch_model(pipeline, run)
     sources = download_datasets(pipeline, run)
@@ -43,5 +46,7 @@ def sft(config: str, overrides: list[str] | None = None) -> SftResult:
     evaluation = evaluate(pipeline, run, trained)
     metrics = {**trained.figures, **evaluation.metrics()}
     published = publish(pipeline, run, trained, evaluation)
+    if published and published.decision.promote and pipeline.settings.publish.modelscope:
+        push_to_modelscope(pipeline, published)
     reply = serve_smoke_test(pipeline, run, model_path, trained, published) if pipeline.settings.serve.enabled else None
     return SftResult(run.mlflow_run_id, metrics, published, reply)

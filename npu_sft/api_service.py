@@ -11,9 +11,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from prefect.blocks.system import Secret
-
 from npu_sft.engine import EngineSettings, ServedModel
+from npu_sft.secret_blocks import SecretBlockError, read_secret_block
 from npu_sft.serving import ServeError, api_server
 from npu_sft.settings import ServeSettings
 
@@ -27,7 +26,10 @@ def load_api_key(settings: ServeSettings, environ: Mapping[str, str]) -> str:
     NPU_SFT_API_KEY. Never a flow parameter or a config value: those are stored and shown in the UIs."""
     if settings.api_key_secret:
         where = f"the Prefect Secret block {settings.api_key_secret!r} (serve.api_key_secret)"
-        key = _secret_block_value(settings.api_key_secret, where)
+        try:
+            key = read_secret_block(settings.api_key_secret, "serve.api_key_secret")
+        except SecretBlockError as err:
+            raise ServeError(str(err)) from None
     else:
         where = f"{API_KEY_VAR} in the worker's environment (or name a Prefect Secret block in serve.api_key_secret)"
         key = environ.get(API_KEY_VAR, "")
@@ -37,19 +39,6 @@ def load_api_key(settings: ServeSettings, environ: Mapping[str, str]) -> str:
             f"{MIN_API_KEY_LENGTH} characters); LLaMA-Factory's API server accepts anyone without one"
         )
     return key
-
-
-def _secret_block_value(name: str, where: str) -> str:
-    try:
-        value = Secret.load(name).get()
-    except ValueError:  # Prefect's "Unable to find block document named ..."
-        raise ServeError(
-            f"{where} does not exist on the Prefect server; create it in the UI (Blocks, Secret) or with "
-            f"prefect.blocks.system.Secret(value=...).save({name!r})"
-        ) from None
-    if not isinstance(value, str):
-        raise ServeError(f"{where} holds a {type(value).__name__}, not the key as a string")
-    return value
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -10,10 +10,11 @@ from rich.table import Table
 from npu_sft.datasets import DatasetError
 from npu_sft.devices import DeviceError, render_device_report
 from npu_sft.download import DownloadError
+from npu_sft.modelscope_push import PushError
 from npu_sft.settings import ConfigError, load_pipeline
 from npu_sft.tracking import tracking_uri
 
-BAD_INPUT_ERRORS = (ConfigError, DeviceError, DatasetError, DownloadError)
+BAD_INPUT_ERRORS = (ConfigError, DeviceError, DatasetError, DownloadError, PushError)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import get_run_logger, task
 
 from npu_sft import registry
@@ -15,9 +17,14 @@ def resolve_registered_version(settings: MlflowSettings, name: str, version: str
     return resolved
 
 
+def version_files_dir(pipeline: Pipeline, name: str, version: str) -> Path:
+    """Where a registered version's files are kept on this host, downloaded once."""
+    return pipeline.state_dir / "registry" / f"{name}-v{version}"
+
+
 @task
 def fetch_registered_adapter(pipeline: Pipeline, name: str, version: str) -> registry.RegisteredAdapter:
     """The version's adapter files under the state dir, downloaded once per host."""
-    dest = pipeline.state_dir / "registry" / f"{name}-v{version}"
+    dest = version_files_dir(pipeline, name, version)
     path = registry.download_version(pipeline.settings.mlflow, name, version, dest)
     return registry.RegisteredAdapter(name, version, path)

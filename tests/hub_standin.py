@@ -15,6 +15,8 @@ with the JSON envelope the real hub answers with (`{"Code": 200, "Data": ..., "S
     GET /api/v1/{models|datasets}/{owner}/{name}                            repository info
     GET /api/v1/repos/internalAccelerationInfo                             404 (no intra-cloud acceleration)
 
+Uploads (`create_repo`, `upload_folder`) are served by tests/hub_uploads.py, for tokens given to `accept_token`.
+
 A revision is a branch, a tag or a commit id. Unknown repositories and revisions get the hub's 404 envelope.
 Faults, for resilience tests: `cut_transfer` (close the connection part-way through a file), `throttle` (serve a
 file slowly), `corrupt` (serve bytes that do not match the listed sha256), `fail_all` (answer every request with a
@@ -35,6 +37,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.hub_uploads import Uploads, handle_write
 
 NOT_FOUND_CODE = 10010205001
 _REPO_PATH = re.compile(r"^/api/v1/(?P<segment>models|datasets)/(?P<owner>[^/]+)/(?P<name>[^/]+)(?P<rest>/.*)?$")
@@ -93,6 +97,7 @@ class HubStandIn:
     def __init__(self, port: int = 0) -> None:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.faults = Faults()
+        self.uploads = Uploads()
         self._log: list[LoggedRequest] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
@@ -149,6 +154,10 @@ class HubStandIn:
             repo.tags[tag] = commit.commit_id
         repo.unhashed.update(unhashed)
         return commit.commit_id
+
+    def accept_token(self, token: str) -> None:
+        """Let `token` create repositories and commit (uploads); any other token gets 401."""
+        self.uploads.tokens.add(token)
 
     # -- faults -----------------------------------------------------------------------------------------------
     def cut_transfer(self, file_path: str, after_bytes: int, times: int = 1) -> None:
@@ -210,6 +219,23 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         self.standin._record(self.entry)
         self._send_json(405, {"Code": 405, "Message": "method not allowed", "Success": False})
 
+    def do_POST(self) -> None:
+        self._write("POST")
+
+    def do_PUT(self) -> None:
+        self._write("PUT")
+
+    def _write(self, method: str) -> None:
+        url = urlsplit(self.path)
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.entry = LoggedRequest(method, url.path, {}, None, self.headers.get("Authorization"))
+        self.standin._record(self.entry)
+        if self.standin.faults.fail_status is not None:
+            status = self.standin.faults.fail_status
+            self._send_json(status, {"Code": status, "Message": "stand-in failure", "Success": False})
+            return
+        handle_write(self, method, url.path, body)
+
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         query = {key: values[-1] for key, values in parse_qs(url.query).items()}
@@ -234,7 +260,8 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             return
         rest = match["rest"] or ""
         if rest == "":
-            self._send_ok({"Id": 1, "Path": match["owner"], "Name": match["name"], "Visibility": 5})
+            visibility = self.standin.uploads.visibility.get(repo.repo_id, 5)
+            self._send_ok({"Id": 1, "Path": match["owner"], "Name": match["name"], "Visibility": visibility})
         elif rest == "/revisions":
             self._send_revisions(repo)
         elif rest in ("/repo/files", "/repo/tree"):

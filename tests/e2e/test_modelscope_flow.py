@@ -1,4 +1,5 @@
-"""The sft flow with its model and one dataset from ModelScope: the real client, a local stand-in of the hub."""
+"""The sft flow with its model and one dataset from ModelScope, and its champion pushed back there: the real client,
+a local stand-in of the hub."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow.artifacts
 import pytest
 from mlflow import MlflowClient
 
@@ -20,6 +22,19 @@ pytestmark = pytest.mark.e2e
 
 MODEL_ID = "npu-sft/tiny-qwen2"
 DATASET_ID = "npu-sft/tiny-alpaca"
+PUSH_REPO = "team/tiny-qwen2-lora"
+PUSH_TOKEN = "ms-write-token-e2e-0123456789"
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "npu_sft.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def hub_env(tmp_path: Path, token: str | None) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "MODELSCOPE_API_TOKEN"}
+    env.update(PREFECT_HOME=str(tmp_path / ".prefect"), MODELSCOPE_HOME=str(tmp_path / "modelscope-home"))
+    return {**env, "MODELSCOPE_API_TOKEN": token} if token else env
 
 
 def test_flow_trains_on_a_model_and_dataset_downloaded_from_modelscope(
@@ -35,17 +50,23 @@ def test_flow_trains_on_a_model_and_dataset_downloaded_from_modelscope(
                  "cache_dir": str(tmp_path / "ms_cache"), "retry_backoff_s": 0.01}
         datasets = [{"name": "identity", "source": "builtin"},
                     {"name": "tiny_alpaca", "source": "modelscope", "repo_id": DATASET_ID}]
-        completed = subprocess.run(
-            [sys.executable, "-m", "npu_sft.cli", "run", str(repo / "configs/tiny_cpu.yaml"),
-             "--set", f"engine.python={engine_python}", "--set", f"model={json.dumps(model)}",
-             "--set", f"data.datasets={json.dumps(datasets)}", "--set", "serve.enabled=false",
-             "--set", "llamafactory.overrides.num_train_epochs=1", "--set", "mlflow.experiment=sft-hub"],
-            cwd=tmp_path, env={**os.environ, "PREFECT_HOME": str(tmp_path / ".prefect")},
-            capture_output=True, text=True, timeout=900,
+        hub.accept_token(PUSH_TOKEN)
+        push = {"repo_id": PUSH_REPO, "endpoint": hub.url}
+        completed = run_cli(
+            "run", str(repo / "configs/tiny_cpu.yaml"),
+            "--set", f"engine.python={engine_python}", "--set", f"model={json.dumps(model)}",
+            "--set", f"data.datasets={json.dumps(datasets)}", "--set", "serve.enabled=false",
+            "--set", "llamafactory.overrides.num_train_epochs=1", "--set", "mlflow.experiment=sft-hub",
+            # The first version is champion whatever one epoch scores, so it is pushed.
+            "--set", f"publish.modelscope={json.dumps(push)}", "--set", "publish.gate.min_gain=null",
+            cwd=tmp_path, env=hub_env(tmp_path, PUSH_TOKEN),
         )
         assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
         assert hub.file_requests("model.safetensors"), "the weights came from the hub stand-in"
         assert hub.file_requests("train.jsonl")
+        pushed = hub.repos[("model", PUSH_REPO)]
+        pushed_files = pushed.commits[pushed.branches["master"]].files
+        assert hub.uploads.visibility[PUSH_REPO] == 1  # created private
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     client = MlflowClient(uri)
@@ -59,3 +80,30 @@ def test_flow_trains_on_a_model_and_dataset_downloaded_from_modelscope(
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= files
     assert run.data.metrics["data.tiny_alpaca.valid_rows"] == len(tiny_alpaca_rows())
     assert run.data.tags["dataset.tiny_alpaca.id"] == DATASET_ID
+
+    # The champion's adapter went to the pushed repository, byte for byte, with a card; the version says where.
+    version = client.get_model_version("tiny-qwen2-lora", "1")
+    assert version.tags["modelscope.url"] == f"{hub.url}/models/{PUSH_REPO}"
+    registered = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri("tiny-qwen2-lora", "1"),
+        dst_path=str(tmp_path / "registered"), tracking_uri=uri,
+    ))
+    assert pushed_files["adapter_model.safetensors"] == (registered / "adapter_model.safetensors").read_bytes()
+    card = pushed_files["README.md"].decode()
+    assert "version 1" in card and "| eval/rouge_l |" in card
+    # The token was in no output and no MLflow field.
+    fields = str(run.data.params) + str(run.data.tags) + str(version.tags)
+    assert PUSH_TOKEN not in completed.stdout + completed.stderr + fields
+
+
+def test_a_push_without_a_token_stops_before_anything_starts(tmp_path: Path, repo: Path, engine_python: Path) -> None:
+    push = {"repo_id": PUSH_REPO, "endpoint": "http://127.0.0.1:9"}
+    completed = run_cli("run", str(repo / "configs/tiny_cpu.yaml"), "--set", f"engine.python={engine_python}",
+                        "--set", f"publish.modelscope={json.dumps(push)}", cwd=tmp_path, env=hub_env(tmp_path, None),
+                        timeout=300)
+    assert completed.returncode != 0
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("npu-sft: error:")]
+    assert errors == [errors[0]] and errors[0].startswith(
+        f"npu-sft: error: publish.modelscope needs a ModelScope token that can write to {PUSH_REPO}: set "
+        "MODELSCOPE_API_TOKEN"), completed.stderr[-3000:]
+    assert not (tmp_path / ".npu-sft" / "models").exists() and not (tmp_path / ".npu-sft" / "runs").exists()

@@ -1,0 +1,45 @@
+"""The pipeline's `publish.modelscope:` block: where the champion adapter is pushed on the ModelScope hub."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ModelScopePushSettings(BaseModel):
+    """Push each new champion's adapter to a ModelScope model repository. The token is not a setting: it comes from
+    the Prefect Secret block `token_secret` names, else MODELSCOPE_API_TOKEN, when the push starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo_id: str = Field(description="owner/name of the model repository; created (private by default) if missing")
+    private: bool = Field(True, description="visibility of the repository when the push creates it")
+    endpoint: str | None = Field(None, description="hub URL; default: $MODELSCOPE_ENDPOINT or modelscope.cn")
+    revision: str = Field("master", description="the branch the adapter is committed to")
+    token_secret: str | None = Field(
+        None, description="name of a Prefect Secret block with a ModelScope token that can write to repo_id"
+    )
+
+    @field_validator("repo_id")
+    @classmethod
+    def _is_owner_slash_name(cls, value: str) -> str:
+        if not REPO_ID.match(value):
+            raise ValueError(f"repo_id must be owner/name (letters, digits, '_', '.', '-'), got {value!r}")
+        return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _is_a_plain_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"endpoint must be an http(s) URL such as https://modelscope.cn, got {value!r}")
+        if parts.username or parts.password:
+            raise ValueError("endpoint must not carry credentials; the token comes from token_secret or "
+                             "MODELSCOPE_API_TOKEN")
+        return value.rstrip("/")
