@@ -13,6 +13,7 @@ from prefect import flow
 from npu_sft.publishing import Published
 from npu_sft.settings import load_pipeline
 from tasks.evaluate import evaluate
+from tasks.export import export_merged_champion
 from tasks.model import fetch_model
 from tasks.prepare import download_datasets, prepare_data, record_datasets
 from tasks.publish import publish
@@ -48,5 +49,7 @@ def sft(config: str, overrides: list[str] | None = None) -> SftResult:
     published = publish(pipeline, run, trained, evaluation)
     if published and published.decision.promote and pipeline.settings.publish.modelscope:
         push_to_modelscope(pipeline, published)
+    if published and published.decision.promote and pipeline.settings.publish.merged.enabled:
+        export_merged_champion(pipeline, run, model_path, published)
     reply = serve_smoke_test(pipeline, run, model_path, trained, published) if pipeline.settings.serve.enabled else None
     return SftResult(run.mlflow_run_id, metrics, published, reply)

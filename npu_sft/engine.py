@@ -176,6 +176,11 @@ def bare_train_command(engine: EngineSettings, config_file: Path | str, env: Map
     return _command(engine, [engine.python, "-m", "llamafactory.cli", "train", str(config_file)], env)
 
 
+def export_command(engine: EngineSettings, config_file: Path | str, env: Mapping[str, str] | None = None) -> EngineCommand:
+    """`llamafactory-cli export CONFIG`: the base model with the adapter merged in, written as safetensors shards."""
+    return _command(engine, [engine.python, "-m", "llamafactory.cli", "export", str(config_file)], env)
+
+
 def api_server_command(
     engine: EngineSettings,
     model: ServedModel,

@@ -1,4 +1,4 @@
-"""The pipeline's `publish.modelscope:` block: where the champion adapter is pushed on the ModelScope hub."""
+"""The pipeline's `publish.modelscope:` and `publish.merged:` blocks: where a new champion goes besides the registry."""
 
 from __future__ import annotations
 
@@ -43,3 +43,13 @@ class ModelScopePushSettings(BaseModel):
             raise ValueError("endpoint must not carry credentials; the token comes from token_secret or "
                              "MODELSCOPE_API_TOKEN")
         return value.rstrip("/")
+
+
+class MergedExportSettings(BaseModel):
+    """`publish.merged`: export each new champion merged into its base model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    registered_model: str | None = Field(None, description="default: <publish.registered_model>-merged")
+    shard_size_gb: int = Field(5, ge=1, description="LLaMA-Factory's export_size: the largest safetensors shard")

@@ -20,7 +20,7 @@ from npu_sft.download import ModelSource
 from npu_sft.engine import EngineSettings, passes_secrets_by_name, secret_refusal
 from npu_sft.evaluation.settings import EvalSettings
 from npu_sft.gate import GateSettings
-from npu_sft.push_settings import ModelScopePushSettings
+from npu_sft.push_settings import MergedExportSettings, ModelScopePushSettings
 from npu_sft.serve_settings import ServeSettings
 
 
@@ -75,6 +75,7 @@ class PublishSettings(_Strict):
     enabled: bool = True
     registered_model: str
     gate: GateSettings = Field(default_factory=GateSettings)
+    merged: MergedExportSettings = Field(default_factory=MergedExportSettings)
     modelscope: ModelScopePushSettings | None = Field(
         None, description="push each new champion's adapter to this ModelScope model repository"
     )

@@ -1,5 +1,5 @@
-"""The sft flow with its model and one dataset from ModelScope, and its champion pushed back there: the real client,
-a local stand-in of the hub."""
+"""The sft flow with its model and one dataset from ModelScope, and its champion pushed back there (the real client,
+a local stand-in of the hub) and merged into its base model."""
 
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ def test_flow_trains_on_a_model_and_dataset_downloaded_from_modelscope(
             "--set", "llamafactory.overrides.num_train_epochs=1", "--set", "mlflow.experiment=sft-hub",
             # The first version is champion whatever one epoch scores, so it is pushed.
             "--set", f"publish.modelscope={json.dumps(push)}", "--set", "publish.gate.min_gain=null",
+            "--set", "publish.merged.enabled=true",
             cwd=tmp_path, env=hub_env(tmp_path, PUSH_TOKEN),
         )
         assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
@@ -91,6 +92,18 @@ def test_flow_trains_on_a_model_and_dataset_downloaded_from_modelscope(
     assert pushed_files["adapter_model.safetensors"] == (registered / "adapter_model.safetensors").read_bytes()
     card = pushed_files["README.md"].decode()
     assert "version 1" in card and "| eval/rouge_l |" in card
+    # The champion merged into its base model: a version of its own model, linked both ways with the adapter's.
+    assert version.tags["merged.version"] == "tiny-qwen2-lora-merged/1"
+    merged = client.get_model_version_by_alias("tiny-qwen2-lora-merged", "champion")
+    assert str(merged.version) == "1" and merged.tags["adapter.version"] == "1"
+    assert merged.tags["adapter.model"] == "tiny-qwen2-lora" and merged.tags["base_model"] == MODEL_ID
+    merged_dir = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri("tiny-qwen2-lora-merged", "1"),
+        dst_path=str(tmp_path / "merged"), tracking_uri=uri,
+    ))
+    merged_files = {path.name for path in merged_dir.iterdir()}
+    assert {"config.json", "tokenizer.json"} <= merged_files and "adapter_config.json" not in merged_files
+    assert any(name.endswith(".safetensors") for name in merged_files)
     # The token was in no output and no MLflow field.
     fields = str(run.data.params) + str(run.data.tags) + str(version.tags)
     assert PUSH_TOKEN not in completed.stdout + completed.stderr + fields
