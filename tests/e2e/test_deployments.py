@@ -302,6 +302,10 @@ def test_serve_keeps_serving_until_the_run_is_cancelled(project: Project) -> Non
     fields = [*(str(run.data.params) + str(run.data.tags) for run in runs),
               *(str(version.tags) for version in registry.search_model_versions("name='tiny-qwen2-lora'"))]
     assert runs and not [field for field in fields if api_key in field]
+    # Nor in the server's log, which holds no request body either (LLaMA-Factory logs them unless API_VERBOSE=0).
+    server_log = (project.root / ".npu-sft" / "serve" / str(flow_run_id) / "serve.log").read_text()
+    assert "Uvicorn running" in server_log or "Application startup complete" in server_log, server_log[-2000:]
+    assert api_key not in server_log and "What is 17 + 1?" not in server_log
 
 
 def test_sigterm_to_a_serving_flow_stops_the_server_and_frees_its_devices(project: Project) -> None:

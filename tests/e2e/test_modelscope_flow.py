@@ -70,7 +70,7 @@ def test_flow_trains_on_a_model_and_dataset_downloaded_from_modelscope(
         assert hub.uploads.visibility[PUSH_REPO] == 1  # created private
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)  # not a registry URI an earlier test set for the process
     run = client.search_runs([client.get_experiment_by_name("sft-hub").experiment_id])[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["model.id"] == MODEL_ID
