@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from npu_sft.download.settings import checked_endpoint
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -34,15 +34,7 @@ class ModelScopePushSettings(BaseModel):
     @field_validator("endpoint")
     @classmethod
     def _is_a_plain_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"endpoint must be an http(s) URL such as https://modelscope.cn, got {value!r}")
-        if parts.username or parts.password:
-            raise ValueError("endpoint must not carry credentials; the token comes from token_secret or "
-                             "MODELSCOPE_API_TOKEN")
-        return value.rstrip("/")
+        return checked_endpoint(value, "the token comes from token_secret or MODELSCOPE_API_TOKEN")
 
 
 class MergedExportSettings(BaseModel):

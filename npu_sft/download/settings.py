@@ -77,15 +77,7 @@ class ModelSource(BaseModel):
     @field_validator("endpoint")
     @classmethod
     def _endpoint_is_a_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"endpoint must be an http(s) URL such as https://modelscope.cn, got {value!r}")
-        if parts.username or parts.password:
-            # Credentials in the URL would be logged and recorded with the endpoint; the token has its own variable.
-            raise ValueError(f"endpoint must not carry credentials; put the token in ${TOKEN_ENV_VAR}")
-        return value.rstrip("/")
+        return checked_endpoint(value, f"put the token in ${TOKEN_ENV_VAR}")
 
     @model_validator(mode="after")
     def _check_fields_fit_source(self) -> ModelSource:
@@ -126,6 +118,19 @@ class ModelSource(BaseModel):
     def resolved_cache_dir(self) -> Path:
         configured = self.cache_dir or Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_DIR)
         return configured.expanduser().resolve()
+
+
+def checked_endpoint(value: str | None, token_hint: str) -> str | None:
+    """A hub URL setting: http(s), a host, no credentials (`token_hint` says where the token goes instead)."""
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"endpoint must be an http(s) URL such as https://modelscope.cn, got {value!r}")
+    if parts.username or parts.password:
+        # Credentials in the URL would be logged and recorded with the endpoint; the token has its own place.
+        raise ValueError(f"endpoint must not carry credentials; {token_hint}")
+    return value.rstrip("/")
 
 
 def hub_token() -> SecretStr | None:
