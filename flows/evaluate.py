@@ -11,10 +11,13 @@ from prefect import flow
 
 from npu_sft.evaluation import Evaluation
 from npu_sft.settings import load_pipeline
+from npu_sft.user_errors import quiet_user_error_tracebacks
 from tasks.evaluate import evaluate
 from tasks.registry import fetch_registered_adapter
 from tasks.tracking import attach_tracking
 from tasks.train import Trained
+
+quiet_user_error_tracebacks()  # bad input ends as one line, in the console and in Prefect's UI
 
 
 @flow(name="evaluate", log_prints=True)

@@ -14,8 +14,11 @@ from prefect import flow
 
 from npu_sft.api_service import load_api_key
 from npu_sft.settings import load_pipeline
+from npu_sft.user_errors import quiet_user_error_tracebacks
 from tasks.registry import fetch_registered_adapter, resolve_registered_version
 from tasks.serve_registered import fetch_base_model, serve_until_cancelled, smoke_serve
+
+quiet_user_error_tracebacks()  # bad input ends as one line, in the console and in Prefect's UI
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from prefect import flow
 
 from npu_sft.publishing import Published
 from npu_sft.settings import load_pipeline
+from npu_sft.user_errors import quiet_user_error_tracebacks
 from tasks.evaluate import evaluate
 from tasks.export import export_merged_champion
 from tasks.model import fetch_model
@@ -22,6 +23,8 @@ from tasks.serve import serve_smoke_test
 from tasks.tracking import TRACKING_HOOKS, start_tracking
 from tasks.train import train
 from tasks.validate import check_engine_config
+
+quiet_user_error_tracebacks()  # bad input ends as one line, in the console and in Prefect's UI
 
 
 @dataclass(frozen=True)

@@ -63,15 +63,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warnings(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
-    return f"npu-sft: warning: {message}\n"
+_warned: set[str] = set()
+
+
+def _show_warning_once(message: Warning | str, *_: object, **__: object) -> None:
+    """One line per warning, each said once: a source is validated by the config, the cache key and the task.
+
+    (A "once" filter is not enough: every `warnings.catch_warnings()` in a library resets what it remembers.)
+    """
+    line = f"npu-sft: warning: {message}\n"
+    if line not in _warned:
+        _warned.add(line)
+        sys.stderr.write(line)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _use_project_prefect_home()
-    warnings.formatwarning = _one_line_warnings
-    from npu_sft.commands import BAD_INPUT_ERRORS, run_command
+    warnings.showwarning = _show_warning_once
+    from npu_sft.commands import run_command
+    from npu_sft.user_errors import BAD_INPUT_ERRORS
 
     try:
         return run_command(args)

@@ -7,14 +7,9 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from npu_sft.datasets import DatasetError
-from npu_sft.devices import DeviceError, render_device_report
-from npu_sft.download import DownloadError
-from npu_sft.modelscope_push import PushError
-from npu_sft.settings import ConfigError, load_pipeline
+from npu_sft.devices import render_device_report
+from npu_sft.settings import load_pipeline
 from npu_sft.tracking import tracking_uri
-
-BAD_INPUT_ERRORS = (ConfigError, DeviceError, DatasetError, DownloadError, PushError)
 
 
 def run_command(args: argparse.Namespace) -> int:

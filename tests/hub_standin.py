@@ -8,12 +8,25 @@
 It serves the endpoints `modelscope.snapshot_download` uses (checked against modelscope 1.40 / modelscope-hub 0.5),
 with the JSON envelope the real hub answers with (`{"Code": 200, "Data": ..., "Success": true}`):
 
-    GET /api/v1/models/{owner}/{name}/repo/files?Revision=&Recursive=&Root=   file list, LatestCommitter.Id
+    GET /api/v1/models/{owner}/{name}/repo/files?Revision=&Recursive=&Root=   file list, LatestCommitter
     GET /api/v1/datasets/{owner}/{name}/repo/tree?Revision=&PageNumber=&PageSize=&Root=   (paginated)
     GET /api/v1/{models|datasets}/{owner}/{name}/repo?Revision=&FilePath=   file bytes, honours Range
     GET /api/v1/{models|datasets}/{owner}/{name}/revisions                  RevisionMap (branches, tags)
+    GET /api/v1/{models|datasets}/{owner}/{name}/commits?Ref=&PageNumber=&PageSize=   history, newest first
     GET /api/v1/{models|datasets}/{owner}/{name}                            repository info
     GET /api/v1/repos/internalAccelerationInfo                             404 (no intra-cloud acceleration)
+    GET /{models|datasets}/{owner}/{name}.git/info/refs?service=git-upload-pack   git's ref advertisement
+
+The listing answers as modelscope.cn does, which is not what its field names promise (issue 17; a saved answer
+of the real hub and independent clients of it agree):
+- `LatestCommitter.Id` is empty; `LatestCommitter.ShortId` is the head commit's first 8 characters;
+- each file's `Revision` is the full id of the last commit that touched that file, which may be older than the head;
+- an unknown revision of a known repository is a success with `Files: null` (and no committer), not a 404.
+The commit history's shape is what modelscope's `list_repo_commits` (modelscope 1.29-1.35, `CommitHistoryResponse`)
+reads: `Data.Commit[]` with `Id`, `ShortId`, `Title`, `CommittedDate`, and `TotalCount` beside `Data`. The ref
+advertisement is git's smart-HTTP protocol (pkt-lines; an annotated tag is followed by its peeled `^{}` line), at
+the clone URL modelscope-hub builds (`{endpoint}/{type}s/{repo_id}.git`).
+`disable("commits")` / `disable("git")` answer those routes with 404, as a hub without them would.
 
 Uploads (`create_repo`, `upload_folder`) are served by tests/hub_uploads.py, for tokens given to `accept_token`.
 
@@ -42,6 +55,7 @@ from tests.hub_uploads import Uploads, handle_write
 
 NOT_FOUND_CODE = 10010205001
 _REPO_PATH = re.compile(r"^/api/v1/(?P<segment>models|datasets)/(?P<owner>[^/]+)/(?P<name>[^/]+)(?P<rest>/.*)?$")
+_GIT_REFS_PATH = re.compile(r"^/(?P<segment>models|datasets)/(?P<owner>[^/]+)/(?P<name>[^/]+)\.git/info/refs$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
@@ -67,6 +81,9 @@ class Commit:
     commit_id: str
     files: dict[str, bytes]
     created_at: int
+    parent: str | None = None
+    # path -> the last commit that changed the file (this one, or an ancestor): what the listing's `Revision` says
+    file_revisions: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,6 +99,15 @@ class Repo:
         commit_id = self.branches.get(revision) or self.tags.get(revision) or revision
         return self.commits.get(commit_id)
 
+    def history(self, revision: str) -> list[Commit]:
+        """The commits reachable from `revision`, newest first."""
+        commits: list[Commit] = []
+        current = self.commit_for(revision)
+        while current is not None:
+            commits.append(current)
+            current = self.commits.get(current.parent) if current.parent else None
+        return commits
+
 
 @dataclass
 class Faults:
@@ -89,6 +115,7 @@ class Faults:
     throttle: dict[str, float] = field(default_factory=dict)  # path -> bytes per second
     corrupt: set[str] = field(default_factory=set)
     fail_status: int | None = None
+    disabled: set[str] = field(default_factory=set)  # "commits", "git": routes answered with 404
 
 
 class HubStandIn:
@@ -140,14 +167,30 @@ class HubStandIn:
         tags: tuple[str, ...] = (),
         unhashed: tuple[str, ...] = (),
     ) -> str:
-        """Commit `files` as the new head of `branch` (creating the repository); returns the commit id."""
+        """Commit `files` as the new head of `branch` (creating the repository); returns the commit id.
+
+        Files with the same bytes as in the branch's previous head keep that file's `Revision`: committing the same
+        files again makes a head commit that no listed file carries.
+        """
         key = (repo_type, repo_id)
         repo = self.repos.setdefault(key, Repo(repo_type=repo_type, repo_id=repo_id))
         digest = hashlib.sha1(repo_id.encode())
         for path in sorted(files):
             digest.update(path.encode() + b"\0" + hashlib.sha256(files[path]).digest())
         digest.update(str(len(repo.commits)).encode())
-        commit = Commit(commit_id=digest.hexdigest(), files=dict(files), created_at=int(time.time()))
+        commit_id = digest.hexdigest()
+        parent = repo.commits.get(repo.branches.get(branch, ""))
+        file_revisions = {
+            path: parent.file_revisions[path] if parent and parent.files.get(path) == data else commit_id
+            for path, data in files.items()
+        }
+        commit = Commit(
+            commit_id=commit_id,
+            files=dict(files),
+            created_at=int(time.time()),
+            parent=parent.commit_id if parent else None,
+            file_revisions=file_revisions,
+        )
         repo.commits[commit.commit_id] = commit
         repo.branches[branch] = commit.commit_id
         for tag in tags:
@@ -170,6 +213,10 @@ class HubStandIn:
     def corrupt(self, file_path: str) -> None:
         """Serve `file_path` with one byte changed: same size, different sha256 than the listing says."""
         self.faults.corrupt.add(file_path)
+
+    def disable(self, route: str) -> None:
+        """Answer `route` ("commits": the commit history, "git": the ref advertisement) with 404 from now on."""
+        self.faults.disabled.add(route)
 
     def fail_all(self, status: int | None) -> None:
         """Answer every request with `status` (e.g. 503), or serve normally again with None."""
@@ -249,6 +296,14 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         if url.path == "/api/v1/repos/internalAccelerationInfo":
             self._send_not_found("no intra-cloud acceleration here")
             return
+        git_match = _GIT_REFS_PATH.match(url.path)
+        if git_match is not None:
+            repo = self.standin.repos.get((git_match["segment"][:-1], f"{git_match['owner']}/{git_match['name']}"))
+            if repo is None or "git" in self.standin.faults.disabled:
+                self._send_not_found(f"no repository at {url.path}")
+            else:
+                self._send_ref_advertisement(repo)
+            return
         match = _REPO_PATH.match(url.path)
         if match is None:
             self._send_not_found(f"no route {url.path}")
@@ -268,6 +323,8 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             self._send_listing(repo, query, paginated=rest == "/repo/tree")
         elif rest == "/repo":
             self._send_file(repo, query)
+        elif rest == "/commits" and "commits" not in self.standin.faults.disabled:
+            self._send_commits(repo, query)
         else:
             self._send_not_found(f"no route {url.path}")
 
@@ -282,22 +339,60 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         revision = query.get("Revision", "master")
         commit = repo.commit_for(revision)
         if commit is None:
-            self._send_not_found(f"revision {revision} not found")
+            # The hub's answer for a revision the repository does not have: success, and no files.
+            self._send_ok({"Files": None, "LatestCommitter": None, "IsVisual": 0})
             return
         root = (query.get("Root") or "").strip("/")
         entries = [
-            _file_entry(path, data, commit.commit_id, hashed=path not in repo.unhashed)
+            _file_entry(path, data, commit.file_revisions[path], hashed=path not in repo.unhashed)
             for path, data in sorted(commit.files.items())
             if not root or path.startswith(root + "/")
         ]
         directories = sorted({path.rsplit("/", 1)[0] for path in commit.files if "/" in path})
         entries += [_tree_entry(directory, commit.commit_id) for directory in directories]
+        total = len(entries)
         if paginated:
             size = int(query.get("PageSize", 200))
             number = int(query.get("PageNumber", 1))
             entries = entries[(number - 1) * size : number * size]
-        committer = {"Id": commit.commit_id, "ShortId": commit.commit_id[:8], "Message": "stand-in commit"}
-        self._send_ok({"Files": entries, "LatestCommitter": committer, "IsVisual": 0})
+        # The hub leaves `Id` empty and reports the head commit by its first 8 characters only.
+        committer = {"Id": "", "ShortId": commit.commit_id[:8], "CommitterName": "stand-in", "Message": "commit"}
+        self._send_ok({"Files": entries, "LatestCommitter": committer, "IsVisual": 0, "TotalCount": total})
+
+    def _send_commits(self, repo: Repo, query: dict[str, str]) -> None:
+        history = repo.history(query.get("Ref", "master"))
+        size = int(query.get("PageSize", 50))
+        number = int(query.get("PageNumber", 1))
+        page = [
+            {"Id": c.commit_id, "ShortId": c.commit_id[:8], "Title": "stand-in commit", "CommittedDate": c.created_at}
+            for c in history[(number - 1) * size : number * size]
+        ]
+        body = {"Code": 200, "Data": {"Commit": page}, "TotalCount": len(history), "Message": "success"}
+        self._send_json(200, {**body, "Success": True})
+
+    def _send_ref_advertisement(self, repo: Repo) -> None:
+        lines = [b"# service=git-upload-pack\n"]
+        refs = [(f"refs/heads/{name}", commit) for name, commit in sorted(repo.branches.items())]
+        head = repo.branches.get("master")
+        if head:
+            refs.insert(0, ("HEAD", head))
+        advertised: list[bytes] = []
+        for name, commit in refs:
+            advertised.append(f"{commit} {name}".encode())
+        for name, commit in sorted(repo.tags.items()):
+            # Annotated tags: the tag object first, then the commit it points to, peeled.
+            tag_object = hashlib.sha1(f"tag {name} {commit}".encode()).hexdigest()
+            advertised += [f"{tag_object} refs/tags/{name}".encode(), f"{commit} refs/tags/{name}^{{}}".encode()]
+        if advertised:
+            advertised[0] += b"\0multi_ack side-band-64k ofs-delta symref=HEAD:refs/heads/master"
+        body = _pkt_line(lines[0]) + b"0000" + b"".join(_pkt_line(line + b"\n") for line in advertised) + b"0000"
+        self.entry.status = 200
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-git-upload-pack-advertisement")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.standin._add_sent(self.entry, len(body))
 
     def _send_file(self, repo: Repo, query: dict[str, str]) -> None:
         revision = query.get("Revision", "master")
@@ -373,6 +468,10 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
         self.standin._add_sent(self.entry, len(payload))
+
+
+def _pkt_line(data: bytes) -> bytes:
+    return f"{len(data) + 4:04x}".encode() + data
 
 
 def _file_entry(path: str, data: bytes, commit_id: str, *, hashed: bool) -> dict[str, Any]:

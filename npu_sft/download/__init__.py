@@ -16,6 +16,7 @@ from npu_sft.download.errors import (
     IntegrityError,
     LocalSourceError,
     OfflineCacheMissError,
+    UnpinnedRevisionError,
 )
 from npu_sft.download.manifest import ManifestEntry
 from npu_sft.download.progress import DownloadProgress, ProgressListener
@@ -36,6 +37,7 @@ __all__ = [
     "ModelSource",
     "OfflineCacheMissError",
     "ProgressListener",
+    "UnpinnedRevisionError",
     "UnpinnedRevisionWarning",
     "download_model",
     "find_cached_download",

@@ -30,6 +30,7 @@ from npu_sft.download.errors import (
     IntegrityError,
     LocalSourceError,
     OfflineCacheMissError,
+    UnpinnedRevisionError,
 )
 from npu_sft.download.hub import (
     HUB_CALL_ERRORS,
@@ -183,6 +184,8 @@ def find_cached_download(source: ModelSource) -> DownloadedModel | None:
     except DownloadError as error:
         log.debug("%s: cannot resolve the revision now (%s)", source.label, error)
         return None
+    if listing.commit is None and source.require_pinned:
+        return None  # the download itself stops, with the reason
     resolved = _resolved_revision(source, listing)
     return inspect_cached_copy(source, metadata_dir, resolved, listing=listing, persist=False).downloaded
 
@@ -372,6 +375,11 @@ def _explain_not_found(api: HubApi, source: ModelSource, error: HubNotFoundError
 def _resolved_revision(source: ModelSource, listing: HubListing) -> str:
     if source.is_pinned:
         return source.revision
+    if listing.commit is None and source.require_pinned:
+        raise UnpinnedRevisionError(
+            f"{source.label}: the hub did not say which commit {source.revision!r} points to, and "
+            "model.require_pinned is set; set `revision:` to a commit id"
+        )
     if listing.commit is None:
         log.warning(
             "%s: the hub did not report which commit %r points to; recording the revision name instead",

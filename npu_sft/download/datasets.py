@@ -10,7 +10,7 @@ from npu_sft.download.settings import ModelSource
 
 # Where a dataset repository comes from follows the model's hub settings, so a mirror or an offline cache
 # configured once under `model:` serves the data too.
-HUB_FIELDS = ("endpoint", "cache_dir", "offline", "retries", "retry_backoff_s")
+HUB_FIELDS = ("endpoint", "cache_dir", "offline", "require_pinned", "retries", "retry_backoff_s")
 
 
 def dataset_repo_source(spec: DatasetSpec, model: ModelSource | None) -> ModelSource:

@@ -13,6 +13,10 @@ class HubNotFoundError(DownloadError):
     """The repository or the revision does not exist on the hub (or is private and no token was given)."""
 
 
+class UnpinnedRevisionError(DownloadError):
+    """`require_pinned` is set and the hub did not say which commit the configured branch or tag points to."""
+
+
 class HubAccessError(DownloadError):
     """The hub refused the token, or the repository needs one (set MODELSCOPE_API_TOKEN)."""
 

@@ -19,6 +19,7 @@ import requests
 from modelscope import snapshot_download
 from modelscope_hub import HubApi, ProgressCallback
 from modelscope_hub.config import get_default_config
+from modelscope_hub.utils.logger import get_logger as modelscope_hub_logger
 from modelscope_hub.errors import (
     AuthenticationError,
     FileDownloadError,
@@ -32,6 +33,7 @@ from modelscope_hub.errors import (
     ServerError,
 )
 
+from npu_sft.download.commits import head_commit
 from npu_sft.download.errors import (
     DownloadError,
     HubAccessError,
@@ -40,7 +42,7 @@ from npu_sft.download.errors import (
     IntegrityError,
 )
 from npu_sft.download.manifest import ManifestEntry
-from npu_sft.download.settings import TOKEN_ENV_VAR, ModelSource, hub_token
+from npu_sft.download.settings import TOKEN_ENV_VAR, ModelSource, hub_token, is_commit_id
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,28 @@ _NETWORK_ERRORS: tuple[type[BaseException], ...] = (
 )
 # What the client raises, directly or wrapped: the only exceptions a hub call is expected to end with.
 HUB_CALL_ERRORS: tuple[type[BaseException], ...] = (HubError, requests.RequestException, OSError)
+
+
+class DemoteClientErrors(logging.Filter):
+    """modelscope_hub logs a failed file at ERROR, then raises: we re-raise it as one error naming the repository.
+
+    Kept as a warning, so the console says the failure once as an error (the run's last line) and loses nothing.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def demote_client_errors() -> None:
+    """Install `DemoteClientErrors` on the handler modelscope_hub gives its own logger (idempotent)."""
+    for handler in modelscope_hub_logger().handlers:
+        if not any(isinstance(existing, DemoteClientErrors) for existing in handler.filters):
+            handler.addFilter(DemoteClientErrors())
+
+
+demote_client_errors()
 
 
 @dataclass(frozen=True)
@@ -88,17 +112,34 @@ def hub_api(source: ModelSource) -> HubApi:
 
 
 def fetch_listing(api: HubApi, source: ModelSource, revision: str) -> HubListing:
-    """The file list at `revision` and the commit it resolves to, in one request per page."""
+    """The file list at `revision` and the commit it resolves to (see `commits.head_commit`)."""
     repo_id = _require_id(source)
     if source.repo_type == "dataset":
         pages = list(_dataset_listing_pages(api, repo_id, revision))
         entries = [entry for page in pages for entry in _files_of(page)]
-        return HubListing(commit=_commit_of(pages[0]), files=tuple(_manifest_entries(entries)))
-    data = _listing_page(api, f"models/{repo_id}/repo/files", {"Revision": revision, "Recursive": "True"})
-    entries = _files_of(data)
-    if len(entries) >= LISTING_TRUNCATION_LIMIT:
-        entries = api.legacy.list_repo_files(repo_id=repo_id, repo_type="model", revision=revision, recursive=True)
-    return HubListing(commit=_commit_of(data), files=tuple(_manifest_entries(entries)))
+    else:
+        pages = [_listing_page(api, f"models/{repo_id}/repo/files", {"Revision": revision, "Recursive": "True"})]
+        entries = _files_of(pages[0])
+        if len(entries) >= LISTING_TRUNCATION_LIMIT:
+            entries = api.legacy.list_repo_files(repo_id=repo_id, repo_type="model", revision=revision, recursive=True)
+    if pages[0].get("Files", []) is None:
+        # How the hub answers a revision the repository does not have: success, and no file list at all.
+        raise HubNotFoundError(f"{source.label}: the hub lists no files at revision '{revision}'")
+    commit = revision if is_commit_id(revision) else _head_commit(api, source, revision, pages)
+    return HubListing(commit=commit, files=tuple(_manifest_entries(entries)))
+
+
+def _head_commit(api: HubApi, source: ModelSource, revision: str, pages: list[dict[str, Any]]) -> str | None:
+    token = hub_token()
+    return head_commit(
+        api,
+        endpoint=effective_endpoint(source),
+        token=token.get_secret_value() if token else "",
+        repo_type=source.repo_type,
+        repo_id=_require_id(source),
+        revision=revision,
+        listing_pages=pages,
+    )
 
 
 def _dataset_listing_pages(api: HubApi, repo_id: str, revision: str) -> Iterator[dict[str, Any]]:
@@ -115,9 +156,9 @@ def _dataset_listing_pages(api: HubApi, repo_id: str, revision: str) -> Iterator
 def _listing_page(api: HubApi, path: str, params: dict[str, Any]) -> dict[str, Any]:
     """One listing request through the client's own transport (auth, user agent, error mapping).
 
-    `LegacyClient._request` is private: it is used here, in this one place, because the client's public listing
-    drops `LatestCommitter`, the only place the hub reports the commit a branch points to. `single_attempt`
-    because retries are ours (`with_network_retries`), with delays the pipeline controls.
+    `LegacyClient._request` is private: it is used here (and for the commit history in `commits`) because the
+    client's public listing drops `LatestCommitter` and each file's `Revision`, where the hub reports commits.
+    `single_attempt` because retries are ours (`with_network_retries`), with delays the pipeline controls.
     """
     response = api.legacy._request("GET", path, params=params, single_attempt=True)
     body = response.json()
@@ -133,12 +174,6 @@ def _listing_page(api: HubApi, path: str, params: dict[str, Any]) -> dict[str, A
 def _files_of(data: dict[str, Any]) -> list[dict[str, Any]]:
     files = data.get("Files") or data.get("files") or []
     return [entry for entry in files if isinstance(entry, dict)]
-
-
-def _commit_of(data: dict[str, Any]) -> str | None:
-    committer = data.get("LatestCommitter") or {}
-    commit = committer.get("Id") if isinstance(committer, dict) else None
-    return commit or None
 
 
 def _manifest_entries(entries: list[dict[str, Any]]) -> Iterator[ManifestEntry]:

@@ -62,6 +62,10 @@ class ModelSource(BaseModel):
     allow_patterns: list[str] | None = Field(default=None, description="glob patterns: download only these files")
     ignore_patterns: list[str] | None = Field(default=None, description="glob patterns: skip these files")
     offline: bool = Field(default=False, description="use only the cache; never contact the hub")
+    require_pinned: bool = Field(
+        default=False,
+        description="stop before downloading when a branch or tag cannot be resolved to a commit (production)",
+    )
     endpoint: str | None = Field(default=None, description="hub URL; default: $MODELSCOPE_ENDPOINT or modelscope.cn")
     retries: int = Field(default=5, ge=0, le=50, description="retries after network errors (not after 404s)")
     retry_backoff_s: float = Field(default=2.0, ge=0, description="first retry delay; doubles up to 60 s")

@@ -44,10 +44,13 @@ def test_flow_trains_on_a_model_and_dataset_downloaded_from_modelscope(
     model_files = {path.name: path.read_bytes() for path in model_dir.iterdir() if path.is_file()}
     rows = "\n".join(json.dumps(row) for row in tiny_alpaca_rows()).encode()
     with HubStandIn() as hub:
+        hub.add_repo(MODEL_ID, model_files)
+        # A head commit that touched no listed file (the hub lists each file with the commit that last changed it):
+        # `master` resolves through the commit history, and require_pinned lets the run go on only if it does.
         model_commit = hub.add_repo(MODEL_ID, model_files)
         hub.add_repo(DATASET_ID, {"train.jsonl": rows}, repo_type="dataset")
-        model = {"source": "modelscope", "id": MODEL_ID, "revision": model_commit, "endpoint": hub.url,
-                 "cache_dir": str(tmp_path / "ms_cache"), "retry_backoff_s": 0.01}
+        model = {"source": "modelscope", "id": MODEL_ID, "revision": "master", "require_pinned": True,
+                 "endpoint": hub.url, "cache_dir": str(tmp_path / "ms_cache"), "retry_backoff_s": 0.01}
         datasets = [{"name": "identity", "source": "builtin"},
                     {"name": "tiny_alpaca", "source": "modelscope", "repo_id": DATASET_ID}]
         hub.accept_token(PUSH_TOKEN)
@@ -75,6 +78,7 @@ def test_flow_trains_on_a_model_and_dataset_downloaded_from_modelscope(
     assert run.info.status == "FINISHED"
     assert run.data.tags["model.id"] == MODEL_ID
     assert run.data.tags["model.resolved_revision"] == model_commit
+    assert "did not report which commit" not in completed.stderr
     manifest_dir = client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts"))
     manifest = json.loads(next(Path(manifest_dir).rglob("model_manifest.json")).read_text())
     files = {entry["path"] for entry in manifest["files"]}
@@ -120,3 +124,26 @@ def test_a_push_without_a_token_stops_before_anything_starts(tmp_path: Path, rep
         f"npu-sft: error: publish.modelscope needs a ModelScope token that can write to {PUSH_REPO}: set "
         "MODELSCOPE_API_TOKEN"), completed.stderr[-3000:]
     assert not (tmp_path / ".npu-sft" / "models").exists() and not (tmp_path / ".npu-sft" / "runs").exists()
+
+
+@pytest.mark.parametrize("fault", ["unknown model id", "sha256 mismatch"])
+def test_a_download_the_user_must_fix_ends_as_one_line(tmp_path: Path, repo: Path, engine_python: Path,
+                                                         fault: str) -> None:
+    with HubStandIn() as hub:
+        commit = hub.add_repo(MODEL_ID, {"config.json": b"{}", "model.safetensors": b"\0" * 4096})
+        model = {"source": "modelscope", "id": MODEL_ID, "revision": commit, "endpoint": hub.url,
+                 "cache_dir": str(tmp_path / "ms_cache"), "retry_backoff_s": 0.01}
+        if fault == "unknown model id":
+            model["id"] = "npu-sft/no-such-model"
+        else:
+            hub.corrupt("model.safetensors")
+        completed = run_cli("run", str(repo / "configs/tiny_cpu.yaml"), "--set", f"engine.python={engine_python}",
+                            "--set", f"model={json.dumps(model)}", cwd=tmp_path, env=hub_env(tmp_path, None),
+                            timeout=300)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if "| ERROR" in line or line.startswith("npu-sft: error")]
+    assert len(errors) == 1 and errors[0].startswith("npu-sft: error: "), output[-3000:]
+    expected = "no model 'npu-sft/no-such-model'" if fault == "unknown model id" else "model.safetensors"
+    assert expected in errors[0]
+    assert "Traceback" not in output

@@ -244,6 +244,21 @@ def test_a_file_that_does_not_match_its_sha256_is_rejected_and_not_used(
     assert len(hub.file_requests(WEIGHTS)) <= 3, "integrity failures are not retried as network errors"
 
 
+def test_the_clients_own_error_lines_become_warnings(hub: HubStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # The failure is raised as one error naming the repository; modelscope_hub's ERROR line would say it twice.
+    monkeypatch.setattr("modelscope_hub._download.DOWNLOAD_INTEGRITY_RETRY_BACKOFF", 0.01)
+    hub.corrupt(WEIGHTS)
+    seen: list[logging.LogRecord] = []
+    handler = logging.getLogger("modelscope_hub").handlers[0]
+    monkeypatch.setattr(handler, "emit", seen.append)
+
+    with pytest.raises(IntegrityError):
+        download(source(hub, tmp_path))
+
+    failures = [record for record in seen if "Failed to download" in record.getMessage()]
+    assert failures and {record.levelname for record in failures} == {"WARNING"}
+
+
 def test_a_cached_file_corrupted_on_disk_is_detected_and_fetched_again(
     hub: HubStandIn, files: dict[str, bytes], tmp_path: Path
 ):
