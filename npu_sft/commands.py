@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.table import Table
 
 from npu_sft.devices import render_device_report
-from npu_sft.settings import load_pipeline
+from npu_sft.llamafactory_config import env_script_missing
+from npu_sft.settings import ConfigError, Pipeline, load_pipeline
 from npu_sft.tracking import tracking_uri
 
 
@@ -31,8 +32,16 @@ def run_demo(args: argparse.Namespace) -> int:
     return run_flow(args)
 
 
+def load_for_engine(args: argparse.Namespace) -> Pipeline:
+    """The pipeline of a command that starts the engine: bad input fails here, before Prefect starts anything."""
+    pipeline = load_pipeline(args.config, args.overrides)
+    if (missing := env_script_missing(pipeline)) is not None:
+        raise ConfigError(missing)
+    return pipeline
+
+
 def run_flow(args: argparse.Namespace) -> int:
-    pipeline = load_pipeline(args.config, args.overrides)  # bad input fails here, before Prefect starts anything
+    pipeline = load_for_engine(args)
     from flows.sft import sft
 
     result = sft(str(pipeline.config_file), args.overrides)
@@ -59,7 +68,7 @@ def run_flow(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from npu_sft.reevaluation import find_evaluation_target
 
-    pipeline = load_pipeline(args.config, args.overrides)
+    pipeline = load_for_engine(args)
     target = find_evaluation_target(pipeline, args.run, args.version)  # before Prefect starts anything
     from flows.evaluate import evaluate_again
 

@@ -74,13 +74,31 @@ def loggable_params(config: dict[str, Any], max_len: int = 500) -> dict[str, str
     return params
 
 
-def check_with_engine(pipeline: Pipeline) -> None:
+def env_script_missing(pipeline: Pipeline) -> str | None:
+    """One line naming `engine.env_script` when it should be on this host and is not; None when all is well."""
+    script = pipeline.settings.engine.missing_env_script()
+    if script is None:
+        return None
+    return (
+        f"{pipeline.config_file}: engine.env_script: {script} does not exist on this host; on an Ascend host it is "
+        "CANN's set_env.sh (install CANN, or give its path), elsewhere set engine.env_script: null"
+    )
+
+
+def check_with_engine(pipeline: Pipeline, *, without_missing_env_script: bool = False) -> None:
     """Parse the pipeline's LLaMA-Factory config with LLaMA-Factory's own argument parser in the engine env, before
-    anything is downloaded or leased; ConfigError naming the user's file if it refuses it."""
+    anything is downloaded or leased; ConfigError naming the user's file if it refuses it.
+
+    A missing env script is a ConfigError too, unless `without_missing_env_script` (a plan made on a laptop for the
+    Ascend host): then the config is parsed without sourcing it."""
     config = dict(pipeline.llamafactory)
     if config.get("deepspeed"):
         config["deepspeed"] = str(resolve_deepspeed(str(config["deepspeed"]), pipeline))
     engine = pipeline.settings.engine
+    if (missing := env_script_missing(pipeline)) is not None:
+        if not without_missing_env_script:
+            raise ConfigError(missing)
+        engine = engine.model_copy(update={"env_script": None})
     source = pipeline.llamafactory_file
     scratch_dir = pipeline.state_dir / "tmp"
     scratch_dir.mkdir(parents=True, exist_ok=True)

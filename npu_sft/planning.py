@@ -23,7 +23,7 @@ from npu_sft.engine import (
     served_name,
     torchrun_train_command,
 )
-from npu_sft.llamafactory_config import check_with_engine, resolve_train_config
+from npu_sft.llamafactory_config import check_with_engine, env_script_missing, resolve_train_config
 from npu_sft.settings import ConfigError, Pipeline, TinyModelSource
 from npu_sft.tiny_model import ensure_tiny_model, tokenizer_file
 
@@ -45,7 +45,9 @@ def planned_devices(pipeline: Pipeline, task: str) -> tuple[str, tuple[int, ...]
 
 def render_plan(pipeline: Pipeline) -> list[RenderableType]:
     settings = pipeline.settings
-    check_with_engine(pipeline)
+    check_with_engine(pipeline, without_missing_env_script=True)
+    warnings = [Text(f"warning: {missing}; `npu-sft run` here would refuse it", style="yellow")
+                for missing in [env_script_missing(pipeline)] if missing is not None]
     kind, ids, device_env = planned_devices(pipeline, "train")
     run_dir = pipeline.state_dir / "runs" / "<mlflow-run-id>"
     config = resolve_train_config(
@@ -79,6 +81,7 @@ def render_plan(pipeline: Pipeline) -> list[RenderableType]:
         Text(f"Serve command (the serve flow, {settings.publish.registered_model} version <N>, e.g. champion):",
              style="bold"),
         Text(_serve_line(pipeline)),
+        *warnings,
         Text("Nothing was started: no download, no dataset preparation, no device lease.", style="dim"),
     ]
 

@@ -183,7 +183,8 @@ def _describe(error: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
         return loc, "unknown key"
     if kind == "missing":
         return loc, "required key is missing"
-    return loc, error["msg"]
+    # A validator's ValueError reads "Value error, <our message>": the key already says where, the rest is ours.
+    return loc, str(error["msg"]).removeprefix("Value error, ")
 
 
 def _apply_set(data: dict[str, Any], assignment: str) -> None:

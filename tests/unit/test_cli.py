@@ -62,6 +62,28 @@ def test_engine_python_that_does_not_exist(tmp_path: Path, demo_copy: Path) -> N
     assert_refused_before_anything_started(result, tmp_path, "engine.python", "/opt/missing/bin/python does not exist")
 
 
+def test_engine_env_script_that_does_not_exist(tmp_path: Path, demo_copy: Path) -> None:
+    result = npu_sft("run", str(demo_copy), "--set", "engine.env_script=/opt/cann/set_env.sh", cwd=tmp_path)
+    assert_refused_before_anything_started(
+        result, tmp_path, f"{demo_copy}: engine.env_script: /opt/cann/set_env.sh does not exist on this host"
+    )
+
+
+def test_plan_without_the_engine_env_script_warns_and_plans(tmp_path: Path, repo: Path, engine_python: Path) -> None:
+    # A plan is made on a laptop before the Ascend host: the seed recipe sources CANN's set_env.sh, which is not here.
+    extra_env = {"PATH": f"{FAKES}:{os.environ['PATH']}", "FAKE_NPU_SMI_FIXTURE": "8x910B3", "COLUMNS": "300"}
+    result = npu_sft(
+        "plan", str(repo / "configs/qwen7b.yaml"), "--set", f"engine.python={engine_python}",
+        "--set", f"devices.state_dir={tmp_path / 'leases'}", cwd=tmp_path, extra_env=extra_env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "warning: " in result.stdout and "engine.env_script: /usr/local/Ascend/ascend-toolkit/set_env.sh" in (
+        result.stdout
+    ) and "`npu-sft run` here would refuse it" in result.stdout
+    assert "accepted by LLaMA-Factory's parser" in result.stdout
+
+
 def plan_qwen7b_on_fake_host(
     tmp_path: Path, repo: Path, engine_python: Path, setting: str, fixture: str, columns: str | None = None
 ) -> subprocess.CompletedProcess[str]:

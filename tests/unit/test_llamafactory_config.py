@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from npu_sft.llamafactory_config import loggable_params, resolve_deepspeed, resolve_train_config
+from npu_sft.llamafactory_config import (
+    check_with_engine,
+    env_script_missing,
+    loggable_params,
+    resolve_deepspeed,
+    resolve_train_config,
+)
 from npu_sft.settings import ConfigError, load_pipeline
 
 SEEDS = Path(__file__).resolve().parents[3] / "shared" / "seeds"
@@ -53,3 +59,23 @@ def test_run_config_owns_paths_and_keeps_user_keys(qwen7b, tmp_path: Path) -> No
 def test_params_leave_secrets_out() -> None:
     params = loggable_params({"hf_hub_token": "hf_x", "ms_hub_token": "ms_y", "learning_rate": 0.0001, "fp16": True, "lora_target": "q_proj,v_proj"})
     assert params == {"learning_rate": "0.0001", "fp16": "true", "lora_target": "q_proj,v_proj"}
+
+
+def test_a_missing_env_script_is_named_before_the_engine_starts(qwen7b, tmp_path: Path) -> None:
+    missing = tmp_path / "set_env.sh"
+    pipeline = qwen7b.model_copy(
+        update={"settings": qwen7b.settings.model_copy(update={
+            "engine": qwen7b.settings.engine.model_copy(update={"env_script": str(missing)})
+        })}
+    )
+
+    with pytest.raises(ConfigError, match=rf"engine\.env_script: {re.escape(str(missing))} does not exist on this host"):
+        check_with_engine(pipeline)
+    missing.write_text("export ASCEND_HOME=/usr/local/Ascend\n")
+    assert env_script_missing(pipeline) is None
+
+
+def test_an_env_script_behind_a_command_prefix_is_not_looked_for_here(qwen7b) -> None:
+    engine = qwen7b.settings.engine.model_copy(update={"command_prefix": ["docker", "exec", "-i", "llamafactory"]})
+    pipeline = qwen7b.model_copy(update={"settings": qwen7b.settings.model_copy(update={"engine": engine})})
+    assert env_script_missing(pipeline) is None
