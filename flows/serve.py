@@ -16,7 +16,8 @@ from npu_sft.api_service import load_api_key
 from npu_sft.settings import load_pipeline
 from npu_sft.user_errors import quiet_user_error_tracebacks
 from tasks.registry import fetch_registered_adapter, resolve_registered_version
-from tasks.serve_registered import fetch_base_model, serve_until_cancelled, smoke_serve
+from tasks.model import fetch_base_model
+from tasks.serve_registered import serve_until_cancelled, smoke_serve
 
 quiet_user_error_tracebacks()  # bad input ends as one line, in the console and in Prefect's UI
 
@@ -50,7 +51,7 @@ def serve(
     name = pipeline.settings.publish.registered_model
     version = resolve_registered_version(pipeline.settings.mlflow, name, model_version)
     adapter = fetch_registered_adapter(pipeline, name, version)
-    model_path = fetch_base_model(pipeline)
+    model_path = fetch_base_model(pipeline, adapter)
     if keep_serving:
         serve_until_cancelled(pipeline, model_path, adapter, port)
         return ServeResult(name, version, None)

@@ -13,13 +13,15 @@ from typing import Any
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
 
-from npu_sft.download import ModelSource
-from npu_sft.settings import TinyModelSource
+from npu_sft.download import ModelSource, is_commit_id
+from npu_sft.settings import ConfigError, TinyModelSource
 from npu_sft.tracking import RunTracker
 
 LOGGED_MODEL_NAME = "adapter"
 MODEL_TYPE = "peft-lora"
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # MLflow's own link from a logged model to its registered versions
+BASE_MODEL_TAG = "base_model"
+BASE_REVISION_TAG = "base_model.revision"
 
 
 class PublishError(RuntimeError):
@@ -37,8 +39,8 @@ class AdapterFacts:
 
     def tags(self) -> dict[str, str]:
         return {
-            "base_model": self.base_model,
-            "base_model.revision": self.base_revision,
+            BASE_MODEL_TAG: self.base_model,
+            BASE_REVISION_TAG: self.base_revision,
             "template": self.template,
             "dataset.key": self.dataset_key,
         }
@@ -56,12 +58,41 @@ def adapter_facts(
 ) -> AdapterFacts:
     """The facts from the pipeline's model source, the tags the earlier stages left on the run (`model.*`,
     `data.key`) and the engine config the training ran with."""
+    revision = ""
+    if isinstance(model, ModelSource) and model.source == "modelscope":
+        revision = run_tags.get("model.resolved_revision", "")
+    return AdapterFacts(
+        base_model_label(model), revision, str(engine_config.get("template", "")), run_tags.get("data.key", "")
+    )
+
+
+def base_model_label(model: ModelSource | TinyModelSource) -> str:
     if isinstance(model, TinyModelSource):
-        base, revision = f"tiny (seed {model.seed})", ""
-    else:
-        base = model.id or str(model.path)
-        revision = run_tags.get("model.resolved_revision", "") if model.source == "modelscope" else ""
-    return AdapterFacts(base, revision, str(engine_config.get("template", "")), run_tags.get("data.key", ""))
+        return f"tiny (seed {model.seed})"
+    return model.id or str(model.path)
+
+
+def base_model_for(
+    model: ModelSource | TinyModelSource, version_tags: Mapping[str, str], version_uri: str
+) -> ModelSource | TinyModelSource:
+    """The config's model as the base of a registered version: refused in one line when it is not the model the
+    version was trained on; a ModelScope branch or tag is pinned to the commit the version was trained on, so a
+    branch that moved since does not change the weights under the adapter."""
+    recorded = version_tags.get(BASE_MODEL_TAG, "")
+    ours = base_model_label(model)
+    if recorded and recorded != ours:
+        raise ConfigError(
+            f"model: {version_uri} was trained on {recorded}, the config's model is {ours}; use the config it was "
+            "trained with"
+        )
+    revision = version_tags.get(BASE_REVISION_TAG, "")
+    if not isinstance(model, ModelSource) or model.source != "modelscope" or not is_commit_id(revision):
+        return model
+    if is_commit_id(model.revision) and model.revision != revision:
+        raise ConfigError(
+            f"model.revision: {version_uri} was trained on {recorded} at {revision}, the config pins {model.revision}"
+        )
+    return model.model_copy(update={"revision": revision})
 
 
 def log_adapter_model(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow.artifacts
@@ -30,6 +31,7 @@ class RegisteredAdapter:
     name: str
     version: str  # a number, resolved from an alias or `latest`
     path: Path
+    tags: Mapping[str, str] = field(default_factory=dict)  # the version's: base model and revision, template, ...
 
     @property
     def uri(self) -> str:
@@ -84,6 +86,10 @@ def run_of_version(settings: MlflowSettings, name: str, version: str) -> str:
     """The MLflow run that produced a registered version (`latest` allowed)."""
     resolved = resolve_version(settings, name, version)
     return str(client_for(settings).get_model_version(name, resolved).run_id)
+
+
+def version_tags(settings: MlflowSettings, name: str, version: str) -> dict[str, str]:
+    return dict(client_for(settings).get_model_version(name, version).tags)
 
 
 def download_version(settings: MlflowSettings, name: str, version: str, dest: Path) -> Path:

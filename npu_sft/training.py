@@ -578,6 +578,12 @@ def read_results(output_dir: Path) -> dict[str, float]:
     return results
 
 
+def evaluation_results(output_dir: Path) -> dict[str, float]:
+    """The training's final evaluation (eval_loss, perplexity, eval_runtime, ...): all_results.json without the
+    train_* figures, which the train task computes across attempts."""
+    return {key: value for key, value in read_results(output_dir).items() if not key.startswith("train_")}
+
+
 def collect_adapter(output_dir: Path, dest: Path) -> Path:
     """Copy the trained adapter (not the checkpoints) into `dest`, the directory that gets published."""
     missing = [name for name in ADAPTER_FILES if not (output_dir / name).is_file()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import yaml
 from prefect import get_run_logger, task
@@ -11,10 +12,11 @@ from prefect.artifacts import create_table_artifact
 from npu_sft.devices import lease_devices
 from npu_sft.engine import DistributedLaunch
 from npu_sft.evaluation import EnginePredictor, Evaluation, evaluate_adapter, record_evaluation, sample_rows
+from npu_sft.reevaluation import RECORDED_DIR, RESULTS, restore_training_record
 from npu_sft.registry import RegisteredAdapter
 from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline
-from npu_sft.training import launch_env, read_results
+from npu_sft.training import launch_env
 from tasks.train import Trained
 
 SAMPLES_ARTIFACT_KEY = "eval-samples"
@@ -71,12 +73,21 @@ def evaluate(
     return evaluation
 
 
+@task
+def restore_training(pipeline: Pipeline, run: RunContext, model_path: Path) -> Trained:
+    """A registered version's training as its run recorded it in MLflow (engine config, final evaluation, eval
+    split), on this host and with its copy of the base model: the training's own directory is not needed."""
+    config_file, results = restore_training_record(
+        pipeline.settings.mlflow, run.mlflow_run_id, run.run_dir / RECORDED_DIR, model_path
+    )
+    return Trained(config_file.parent, config_file, wall_time_s=0.0, figures={}, results=results)
+
+
 def _training_loss(trained: Trained) -> dict[str, float]:
     """eval_loss and perplexity the training wrote (train_* figures are the train task's to log)."""
-    results = read_results(trained.output_dir)
-    if not math.isfinite(results.get("eval_loss", math.nan)):
-        raise ValueError(f"{trained.output_dir}/all_results.json holds no finite eval_loss: {results}")
-    return {key: value for key, value in results.items() if not key.startswith("train_")}
+    if not math.isfinite(trained.results.get("eval_loss", math.nan)):
+        raise ValueError(f"the training's {RESULTS} holds no finite eval_loss: {trained.results}")
+    return trained.results
 
 
 def _summary(evaluation: Evaluation) -> str:

@@ -4,7 +4,9 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from npu_sft.adapter_model import base_model_for
 from npu_sft.download import log_manifest
+from npu_sft.registry import RegisteredAdapter
 from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline, TinyModelSource
 from npu_sft.tiny_model import ensure_tiny_model
@@ -32,3 +34,14 @@ def fetch_model(pipeline: Pipeline, run: RunContext) -> Path:
     downloaded = download_model_task(source)
     log_manifest(run.tracker, downloaded)
     return downloaded.path
+
+
+@task
+def fetch_base_model(pipeline: Pipeline, adapter: RegisteredAdapter) -> Path:
+    """A registered adapter's base model: the config's model, refused when the version was trained on another one,
+    at the commit the version was trained on; generated, or downloaded (cached by its task)."""
+    source = base_model_for(pipeline.settings.model, adapter.tags, adapter.uri)
+    if isinstance(source, TinyModelSource):
+        return make_tiny_model(pipeline, source)
+    get_run_logger().info("base model of %s: %s at %s", adapter.uri, source.id or source.path, source.revision)
+    return download_model_task(source).path

@@ -24,7 +24,8 @@ def version_files_dir(pipeline: Pipeline, name: str, version: str) -> Path:
 
 @task
 def fetch_registered_adapter(pipeline: Pipeline, name: str, version: str) -> registry.RegisteredAdapter:
-    """The version's adapter files under the state dir, downloaded once per host."""
+    """The version's adapter files under the state dir, downloaded once per host, and its tags."""
     dest = version_files_dir(pipeline, name, version)
-    path = registry.download_version(pipeline.settings.mlflow, name, version, dest)
-    return registry.RegisteredAdapter(name, version, path)
+    settings = pipeline.settings.mlflow
+    path = registry.download_version(settings, name, version, dest)
+    return registry.RegisteredAdapter(name, version, path, registry.version_tags(settings, name, version))

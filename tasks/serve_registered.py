@@ -16,21 +16,10 @@ from npu_sft.devices import lease_devices
 from npu_sft.engine import served_name
 from npu_sft.registry import RegisteredAdapter
 from npu_sft.serving import served_model, smoke_test
-from npu_sft.settings import Pipeline, TinyModelSource
-from tasks.download import download_model_task
-from tasks.model import make_tiny_model
+from npu_sft.settings import Pipeline
 
 
 ENDPOINT_ARTIFACT_KEY = "serve-endpoint"
-
-
-@task
-def fetch_base_model(pipeline: Pipeline) -> Path:
-    """The adapter's base model: the generated tiny model, or the configured download (cached by its task)."""
-    source = pipeline.settings.model
-    if isinstance(source, TinyModelSource):
-        return make_tiny_model(pipeline, source)
-    return download_model_task(source).path
 
 
 def _serve_log(pipeline: Pipeline) -> Path:

@@ -15,7 +15,7 @@ from npu_sft.datasets import PreparedData
 from npu_sft.devices import lease_devices, processes_on_devices
 from npu_sft.engine import DistributedLaunch
 from npu_sft.llamafactory_config import resolve_train_config, write_config
-from npu_sft.reevaluation import RUN_CONFIG
+from npu_sft.reevaluation import RESULTS, RESULTS_ARTIFACT_DIR, RUN_CONFIG, RUN_CONFIG_ARTIFACT_DIR
 from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline
 from npu_sft.tracking import StepMetricSink
@@ -23,6 +23,7 @@ from npu_sft.training import (
     STEP_METRIC_KEYS,
     RetryPolicy,
     TrainingFailed,
+    evaluation_results,
     launch_env,
     run_training,
 )
@@ -35,11 +36,15 @@ class Trained:
     config_file: Path
     wall_time_s: float
     figures: dict[str, float]  # the whole training's, across its attempts (train_loss, train/samples_per_s, ...)
+    results: dict[str, float]  # its final evaluation: eval_loss, perplexity, ... (empty: the config evaluates not)
 
     @classmethod
     def found_in(cls, run: RunContext) -> Trained:
         """An earlier run's training outputs, as the train task left them in its working directory."""
-        return cls(run.output_dir, run.run_dir / RUN_CONFIG, wall_time_s=0.0, figures={})
+        return cls(
+            run.output_dir, run.run_dir / RUN_CONFIG, wall_time_s=0.0, figures={},
+            results=evaluation_results(run.output_dir),
+        )
 
 
 class ProgressReporter:
@@ -75,7 +80,7 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
         output_dir=run.output_dir,
     )
     config_file = write_config(config, run.run_dir / RUN_CONFIG)
-    run.tracker.log_artifact(config_file, "config")
+    run.tracker.log_artifact(config_file, RUN_CONFIG_ARTIFACT_DIR)
     # Typed as "UUID or coroutine" because of Prefect's sync/async dispatch; called from sync code it is a UUID.
     progress_id = cast(UUID, create_progress_artifact(0.0, key=None, description="training progress (percent of steps)"))
     log_file = run.logs_dir / "train.log"
@@ -119,6 +124,8 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
             metrics.flush()
     progress(100.0)
     run.tracker.log_artifact(result.log_file, "logs")
+    # With the engine config and the eval split (datasets/), what a later evaluation needs from the record alone.
+    run.tracker.log_artifact(run.output_dir / RESULTS, RESULTS_ARTIFACT_DIR)
     for plot in sorted(run.output_dir.glob("training_*.png")):
         run.tracker.log_artifact(plot, "plots")
     tokens = data.stats.tokens
@@ -147,4 +154,4 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
             if key.startswith("train/") or key == "train_loss"
         ),
     )
-    return Trained(run.output_dir, config_file, result.wall_time_s, figures)
+    return Trained(run.output_dir, config_file, result.wall_time_s, figures, evaluation_results(run.output_dir))

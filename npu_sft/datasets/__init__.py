@@ -6,10 +6,11 @@ from npu_sft.datasets.prepare import PreparedData, prepare_datasets, prepared_di
 from npu_sft.datasets.report import render_prepare_report, stats_table_rows
 from npu_sft.datasets.settings import ColumnMap, DatasetSpec, DataSettings, IdentitySettings, TagMap
 from npu_sft.datasets.stats import DatasetStats, LengthStats, SourceStats
-from npu_sft.datasets.tracking import log_dataset_stats
+from npu_sft.datasets.tracking import EVAL_SPLIT_ARTIFACTS, log_dataset_stats
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "EVAL_SPLIT_ARTIFACTS",
     "ColumnMap",
     "DataSettings",
     "DatasetError",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from npu_sft.datasets.output import DATASET_INFO_FILE, STATS_FILE
+from npu_sft.datasets.output import DATASET_INFO_FILE, EVAL_FILE, STATS_FILE
 from npu_sft.datasets.stats import DatasetStats, LengthStats
 
 if TYPE_CHECKING:
@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from npu_sft.recording import RunRecorder
 
 ARTIFACT_DIR = "datasets"
+# The recorded eval split, as LLaMA-Factory's `dataset_dir` reads it: enough to score an adapter on another host.
+EVAL_SPLIT_ARTIFACTS = (f"{ARTIFACT_DIR}/{DATASET_INFO_FILE}", f"{ARTIFACT_DIR}/{EVAL_FILE}")
 
 
 def dataset_metrics(stats: DatasetStats) -> dict[str, float]:
@@ -51,7 +53,8 @@ def _length_metrics(prefix: str, lengths: LengthStats | None) -> dict[str, float
 
 
 def log_dataset_stats(recorder: RunRecorder, prepared: PreparedData) -> None:
-    """Metrics, tags, and the stats JSON, rejects file and registration as artifacts under `datasets/`."""
+    """Metrics, tags, and the stats JSON, rejects file, registration and eval split as artifacts under `datasets/`
+    (the eval split, so that an adapter can be scored again from the run's record alone)."""
     recorder.log_metrics((name, value, 0) for name, value in dataset_metrics(prepared.stats).items())
     # Tags rather than params: params are write-once, and a resumed run may prepare again.
     recorder.set_tags(
@@ -59,3 +62,5 @@ def log_dataset_stats(recorder: RunRecorder, prepared: PreparedData) -> None:
     )
     for path in (prepared.dir / STATS_FILE, prepared.rejects_path, prepared.dir / DATASET_INFO_FILE):
         recorder.log_artifact(path, ARTIFACT_DIR)
+    if prepared.eval_dataset is not None:
+        recorder.log_artifact(prepared.dir / EVAL_FILE, ARTIFACT_DIR)

@@ -178,39 +178,59 @@ def test_evaluation_scores_the_adapter_against_the_base_model(demo_run: dict) ->
 
 
 def test_evaluating_the_champion_from_the_registry_generates_what_the_run_output_did(
-    demo_run: dict, repo: Path, engine_python: Path
+    demo_run: dict, repo: Path, engine_python: Path, tmp_path: Path
 ) -> None:
     client: MlflowClient = demo_run["client"]
     (before,) = client.search_runs([client.get_experiment_by_name("sft-tiny").experiment_id])
+    # Another host: its own project directory (no run directories, models or baselines), the demo's MLflow store.
+    other_host = tmp_path / "other-host"
+    other_host.mkdir()
     completed = run_cli(
-        demo_run["project"], "evaluate", str(repo / "configs" / "tiny_cpu.yaml"), "--version", "champion",
+        other_host, "evaluate", str(repo / "configs" / "tiny_cpu.yaml"), "--version", "champion",
         "--set", f"engine.python={engine_python}", "--set", f"devices.state_dir={demo_run['project'] / 'leases'}",
+        "--set", f"mlflow.tracking_uri={demo_run['uri']}",
     )
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     after = client.get_run(before.info.run_id)
-    state = demo_run["project"] / ".npu-sft"
     # The registry's files, loaded into the engine with the base model, answer exactly as the adapter in the run's
-    # output directory did (greedy decoding): models:/tiny-qwen2-lora@champion is the trained adapter.
-    run_dir = state / "runs" / before.info.run_id
-    from_registry = run_dir / "eval-v1" / "adapter"
-    assert (run_dir / "eval" / "adapter" / "generated_predictions.jsonl").read_bytes() == (
+    # output directory did (greedy decoding): models:/tiny-qwen2-lora@champion is the trained adapter, and the
+    # run's record (engine config, eval split, results) is all the other host needed.
+    trained_here = demo_run["project"] / ".npu-sft" / "runs" / before.info.run_id
+    evaluated_there = other_host / ".npu-sft" / "runs" / before.info.run_id
+    from_registry = evaluated_there / "eval-v1" / "adapter"
+    assert (trained_here / "eval" / "adapter" / "generated_predictions.jsonl").read_bytes() == (
         from_registry / "generated_predictions.jsonl"
     ).read_bytes()
-    predict_config = (from_registry / "npu_sft_predict.yaml").read_text()
-    assert f"adapter_name_or_path: {state / 'registry' / 'tiny-qwen2-lora-v1'}" in predict_config
+    predict_config = yaml.safe_load((from_registry / "npu_sft_predict.yaml").read_text())
+    assert predict_config["adapter_name_or_path"] == str(other_host / ".npu-sft" / "registry" / "tiny-qwen2-lora-v1")
+    assert predict_config["model_name_or_path"].startswith(str(other_host / ".npu-sft" / "models"))
+    assert predict_config["dataset_dir"] == str(evaluated_there / "recorded" / "datasets")
     for name in ("bleu_4", "rouge_1", "rouge_2", "rouge_l"):
         assert after.data.metrics[f"eval/{name}"] == before.data.metrics[f"eval/{name}"], name
         assert after.data.metrics[f"base/{name}"] == before.data.metrics[f"base/{name}"], name
+    assert after.data.metrics["eval_loss"] == before.data.metrics["eval_loss"]  # the training's, from the record
     assert before.data.tags["eval/adapter_source"] == "run output"
     assert after.data.tags["eval/adapter_source"] == "models:/tiny-qwen2-lora/1"
-    assert after.data.tags["eval/baseline"] == "reused"
+    assert after.data.tags["eval/baseline"] == "computed"  # the other host has no scores of the base model yet
     assert after.info.status == "FINISHED"  # the run keeps the status the pipeline gave it
-    eval_log = (run_dir / "logs" / "eval.log").read_text()
+    assert "registry: tiny-qwen2-lora v1 (champion)" in completed.stdout
+
+
+def test_a_base_model_score_is_reused_by_the_next_evaluation_on_the_host(demo_run: dict, repo: Path,
+                                                                         engine_python: Path) -> None:
+    client: MlflowClient = demo_run["client"]
+    (run,) = client.search_runs([client.get_experiment_by_name("sft-tiny").experiment_id])
+    completed = run_cli(
+        demo_run["project"], "evaluate", str(repo / "configs" / "tiny_cpu.yaml"), "--run", run.info.run_id,
+        "--set", f"engine.python={engine_python}", "--set", f"devices.state_dir={demo_run['project'] / 'leases'}",
+    )
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    assert client.get_run(run.info.run_id).data.tags["eval/baseline"] == "reused"
+    eval_log = (demo_run["project"] / ".npu-sft" / "runs" / run.info.run_id / "logs" / "eval.log").read_text()
     # Both evaluations scored the adapter; only the first started an engine process for the base model.
     assert eval_log.count("===== npu-sft: scoring the adapter") == 2
     assert eval_log.count("===== npu-sft: scoring the base model") == 1
     assert "reused" in completed.stdout
-    assert "registry: tiny-qwen2-lora v1 (champion)" in completed.stdout
 
 
 def test_evaluate_refuses_an_unknown_run_in_one_line(demo_run: dict, repo: Path, engine_python: Path) -> None:

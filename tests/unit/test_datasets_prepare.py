@@ -292,7 +292,9 @@ def test_log_dataset_stats_to_mlflow(tmp_path: Path, tokenizer_file: Path) -> No
     assert logged.metrics["data.tokens_p99"] == prepared.stats.tokens.p99
     assert logged.tags["data.key"] == prepared.stats.key
     artifacts = {item.path for item in client.list_artifacts(run_id, "datasets")}
-    assert artifacts == {"datasets/stats.json", "datasets/rejects.jsonl", "datasets/dataset_info.json"}
+    assert prepared.eval_dataset is not None
+    # The eval split too: a registered adapter is scored again from the run's record alone.
+    assert artifacts == {"datasets/stats.json", "datasets/rejects.jsonl", "datasets/dataset_info.json", "datasets/eval.jsonl"}
 
 
 # the engine reads it --------------------------------------------------------------------------------------------
