@@ -7,7 +7,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from npu_sft.devices import render_device_report
+from npu_sft.devices import DeviceToolMissing, render_device_report, take_inventory
 from npu_sft.llamafactory_config import env_script_missing
 from npu_sft.settings import ConfigError, Pipeline, load_pipeline
 from npu_sft.tracking import tracking_uri
@@ -37,6 +37,10 @@ def load_for_engine(args: argparse.Namespace) -> Pipeline:
     pipeline = load_pipeline(args.config, args.overrides)
     if (missing := env_script_missing(pipeline)) is not None:
         raise ConfigError(missing)
+    try:
+        take_inventory(pipeline.settings.devices)  # whether devices are free is the leases' to wait for
+    except DeviceToolMissing as err:
+        raise ConfigError(f"{pipeline.config_file}: {err}") from None
     return pipeline
 
 

@@ -77,3 +77,19 @@ def decide(gate: GateSettings, metrics: Mapping[str, float], champion: Champion 
     if champion is None:
         checks.append("no champion yet")
     return GateDecision(True, "; ".join(checks) + ": promoted to champion")
+
+
+def describe_gate(gate: GateSettings) -> str:
+    """The gate's checks as one line (`npu-sft plan`), in the order `decide` applies them."""
+    key = f"eval/{gate.metric}"
+    checks = []
+    if gate.threshold is not None:
+        checks.append(f"reaches {gate.threshold:g}")
+    if gate.min_gain is not None:
+        checks.append(f"beats the base model by more than {gate.min_gain:g}")
+    if gate.beat_champion:
+        checks.append("beats the current champion")
+    if not checks:
+        return f"every version with a finite {key} becomes champion"
+    listed = checks[0] if len(checks) == 1 else ", ".join(checks[:-1]) + " and " + checks[-1]
+    return f"champion when {key} ({gate.direction} is better) {listed}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -11,10 +12,11 @@ from rich.table import Table
 from rich.text import Text
 
 from npu_sft.datasets import prepare_datasets, render_prepare_report
-from npu_sft.devices import VISIBLE_DEVICES_VAR, take_inventory
+from npu_sft.devices import VISIBLE_DEVICES_VAR, DeviceToolMissing, resolve_kind, take_inventory
 from npu_sft.devices.leases import candidate_ids
 from npu_sft.download import download_model, find_cached_download
 from npu_sft.download.datasets import with_downloaded_datasets
+from npu_sft.download.settings import TOKEN_ENV_VAR
 from npu_sft.engine import (
     DistributedLaunch,
     ServedModel,
@@ -23,6 +25,8 @@ from npu_sft.engine import (
     served_name,
     torchrun_train_command,
 )
+from npu_sft.gate import describe_gate
+from npu_sft.merged_export import merged_model_name
 from npu_sft.llamafactory_config import check_with_engine, env_script_missing, resolve_train_config
 from npu_sft.settings import ConfigError, Pipeline, TinyModelSource
 from npu_sft.tiny_model import ensure_tiny_model, tokenizer_file
@@ -32,15 +36,37 @@ SERVE_SHOWN_ENV = ("API_HOST", "API_PORT", "API_MODEL_NAME", "MAX_CONCURRENT", "
 TOKENIZER_PATTERNS = ["tokenizer*", "vocab*", "merges.txt", "*.json", "*.model", "*.tiktoken"]
 
 
-def planned_devices(pipeline: Pipeline, task: str) -> tuple[str, tuple[int, ...], dict[str, str]]:
-    """The devices `task` would lease if it started now (kind, ids, visible-devices env); leases nothing."""
+@dataclass(frozen=True)
+class PlannedDevices:
+    """The devices a task would lease if it started now; `unchecked` says why this host's devices were not looked at
+    (a plan made on a laptop for the Ascend host)."""
+
+    kind: str
+    count: int
+    env: dict[str, str]  # the visible-devices variable
+    shown: str
+    unchecked: str | None = None
+
+
+def planned_devices(pipeline: Pipeline, task: str) -> PlannedDevices:
+    """What `task` would lease if it started now; leases nothing. Without the kind's device tool on this host the
+    plan goes on with the request as configured and says the devices were not checked."""
     settings = pipeline.settings.devices
-    inventory = take_inventory(settings)
-    candidates, needed = candidate_ids(inventory, settings.request_for(task), task)
+    request = settings.request_for(task)
+    kind = resolve_kind(settings.kind)
+    variable = VISIBLE_DEVICES_VAR.get(kind)
+    try:
+        inventory = take_inventory(settings)
+    except DeviceToolMissing as missing:
+        count = request if isinstance(request, int) else len(request)
+        chosen = "<free devices, chosen at lease>" if isinstance(request, int) else ",".join(map(str, request))
+        env = {variable: chosen} if variable else {}
+        return PlannedDevices(kind, count, env, f"{kind} x {count}, not checked on this host", str(missing))
+    candidates, needed = candidate_ids(inventory, request, task)
     ids = tuple(candidates[:needed])
-    variable = VISIBLE_DEVICES_VAR.get(inventory.kind)
     env = {variable: ",".join(map(str, ids))} if variable else {}
-    return inventory.kind, ids, env
+    shown = f"{kind} {','.join(map(str, ids))} ({len(ids)} of this host's free devices)"
+    return PlannedDevices(kind, len(ids), env, shown)
 
 
 def render_plan(pipeline: Pipeline) -> list[RenderableType]:
@@ -48,7 +74,9 @@ def render_plan(pipeline: Pipeline) -> list[RenderableType]:
     check_with_engine(pipeline, without_missing_env_script=True)
     warnings = [Text(f"warning: {missing}; `npu-sft run` here would refuse it", style="yellow")
                 for missing in [env_script_missing(pipeline)] if missing is not None]
-    kind, ids, device_env = planned_devices(pipeline, "train")
+    devices = planned_devices(pipeline, "train")
+    if devices.unchecked is not None:
+        warnings.append(Text(f"warning: devices not checked: {devices.unchecked}", style="yellow"))
     run_dir = pipeline.state_dir / "runs" / "<mlflow-run-id>"
     config = resolve_train_config(
         pipeline,
@@ -57,21 +85,23 @@ def render_plan(pipeline: Pipeline) -> list[RenderableType]:
         output_dir=run_dir / "output",
     )
     launch = DistributedLaunch(
-        nproc_per_node=len(ids),
+        nproc_per_node=devices.count,
         master_port=MASTER_PORT_PLACEHOLDER,
         nnodes=settings.training.nnodes,
         node_rank=settings.training.node_rank,
         master_addr=settings.training.master_addr,
     )
-    command = torchrun_train_command(settings.engine, launch, run_dir / "llamafactory.yaml", env=device_env)
-    shown_env = [*device_env, *settings.engine.env] if settings.engine.is_local else []
+    command = torchrun_train_command(settings.engine, launch, run_dir / "llamafactory.yaml", env=devices.env)
+    shown_env = [*devices.env, *settings.engine.env] if settings.engine.is_local else []
     line = render_command(command, shown_env).replace("--master_port 0", "--master_port <free port, reserved at launch>")
 
     summary = Table(title=f"plan: {settings.name}", show_header=False, title_justify="left")
     summary.add_row("pipeline config", str(pipeline.config_file))
     summary.add_row("LLaMA-Factory config", f"{pipeline.llamafactory_file} (accepted by LLaMA-Factory's parser)")
-    summary.add_row("train devices", f"{kind} {','.join(map(str, ids))} ({len(ids)} of this host's free devices)")
+    summary.add_row("train devices", devices.shown)
     summary.add_row("model", _describe_model(pipeline))
+    for stage, description in _publish_rows(pipeline):
+        summary.add_row(stage, description)
     return [
         summary,
         Text("Resolved LLaMA-Factory config:", style="bold"),
@@ -89,9 +119,9 @@ def render_plan(pipeline: Pipeline) -> list[RenderableType]:
 def _serve_line(pipeline: Pipeline) -> str:
     """The API server the serve flow would start with `keep_serving` on port 8000; the key is never shown."""
     settings = pipeline.settings
-    kind, _, device_env = planned_devices(pipeline, "serve")
+    devices = planned_devices(pipeline, "serve")
     try:
-        env = {**device_env, **settings.serve.backend_env(kind)}
+        env = {**devices.env, **settings.serve.backend_env(devices.kind)}
     except ValueError as err:  # devices.kind auto found no accelerator
         raise ConfigError(f"{pipeline.config_file}: {err}") from None
     name = settings.publish.registered_model
@@ -104,6 +134,26 @@ def _serve_line(pipeline: Pipeline) -> str:
     command = api_server_command(settings.engine, model, settings.serve, port=8000, api_key="", env=env)
     shown = [*env, *settings.engine.env, *SERVE_SHOWN_ENV] if settings.engine.is_local else []
     return render_command(command, shown)
+
+
+def _publish_rows(pipeline: Pipeline) -> list[tuple[str, str]]:
+    """Where the adapter goes after the evaluation: the registry and its gate, a ModelScope push, a merged export."""
+    publish = pipeline.settings.publish
+    if not publish.enabled:
+        return [("publish", "off (publish.enabled: false): the adapter stays in the run's output directory")]
+    rows = [("publish", f"{publish.registered_model}: a new version per run, alias candidate; "
+                        f"{describe_gate(publish.gate)}")]
+    if (push := publish.modelscope) is not None:
+        token = f"Prefect Secret block {push.token_secret!r}" if push.token_secret else f"${TOKEN_ENV_VAR}"
+        hub = push.endpoint or "$MODELSCOPE_ENDPOINT or modelscope.cn"
+        visibility = "private" if push.private else "public"
+        rows.append(("ModelScope push", f"each new champion to {push.repo_id}, branch {push.revision} (created "
+                                        f"{visibility} if missing) at {hub}; token from {token}"))
+    if publish.merged.enabled:
+        merged_name = merged_model_name(publish.merged, publish.registered_model)
+        rows.append(("merged export", f"each new champion merged into its base model, registered as {merged_name} "
+                                      f"(safetensors shards up to {publish.merged.shard_size_gb} GB)"))
+    return rows
 
 
 def _planned_data_args(pipeline: Pipeline) -> dict[str, object]:

@@ -4,7 +4,7 @@ with lease_devices(settings, task="train", flow_run_id=run_id, on_wait=log.info)
     run(engine_command, env={**os.environ, **lease.env()}, nproc_per_node=lease.nproc_per_node)
 """
 
-from npu_sft.devices.errors import DeviceBusyError, DeviceError
+from npu_sft.devices.errors import DeviceBusyError, DeviceError, DeviceToolMissing
 from npu_sft.devices.inventory import processes_on_devices, resolve_kind, take_inventory
 from npu_sft.devices.leases import Lease, acquire_lease, current_leases, lease_devices, lease_history
 from npu_sft.devices.models import VISIBLE_DEVICES_VAR, Device, DeviceProcess, Inventory, InventoryEntry
@@ -20,6 +20,7 @@ __all__ = [
     "DeviceError",
     "DeviceProcess",
     "DeviceSettings",
+    "DeviceToolMissing",
     "Inventory",
     "InventoryEntry",
     "Lease",

@@ -7,3 +7,8 @@ class DeviceError(Exception):
 
 class DeviceBusyError(DeviceError):
     """The requested devices exist but stayed leased by others until the lease timeout."""
+
+
+class DeviceToolMissing(DeviceError):
+    """No tool on this host lists the devices of the configured kind: not an accelerator host (a laptop planning a
+    run), or the accelerator's tools are not on PATH."""

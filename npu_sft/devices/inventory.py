@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from npu_sft.devices.errors import DeviceError
+from npu_sft.devices.errors import DeviceError, DeviceToolMissing
 from npu_sft.devices.models import VISIBLE_DEVICES_VAR, Device, DeviceKind, DeviceProcess, Inventory, InventoryEntry
 from npu_sft.devices.parsing import (
     parse_npu_list,
@@ -53,7 +53,7 @@ def run_probe(argv: Sequence[str]) -> str:
     try:
         completed = subprocess.run(list(argv), capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False)
     except FileNotFoundError as error:
-        raise DeviceError(f"`{command}`: {argv[0]} is not on PATH") from error
+        raise DeviceToolMissing(f"`{command}`: {argv[0]} is not on PATH") from error
     except subprocess.TimeoutExpired as error:
         raise DeviceError(f"`{command}` did not answer within {PROBE_TIMEOUT_S:.0f} s") from error
     if completed.returncode != 0:
@@ -85,7 +85,10 @@ def probe_npus(run_command: CommandRunner, npu_count_probe: NpuCountProbe | None
         if count < 1:
             raise DeviceError(f"torch_npu reports {count} NPUs on this host")
         return "torch_npu device count", tuple(Device(kind="npu", id=i, name="npu") for i in range(count))
-    raise DeviceError("device kind is npu but neither npu-smi nor npu-list is on PATH, and no torch_npu probe is set")
+    raise DeviceToolMissing(
+        "devices.kind is npu but neither npu-smi nor npu-list is on PATH: not an Ascend host, or CANN's tools are "
+        "not on PATH (source its set_env.sh)"
+    )
 
 
 def probe_gpus(run_command: CommandRunner) -> tuple[str, tuple[Device, ...]]:

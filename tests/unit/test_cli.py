@@ -84,6 +84,46 @@ def test_plan_without_the_engine_env_script_warns_and_plans(tmp_path: Path, repo
     assert "accepted by LLaMA-Factory's parser" in result.stdout
 
 
+def without_device_tools() -> dict[str, str]:
+    """PATH without npu-smi and npu-list: a laptop, or an Ascend host whose CANN tools are not on PATH."""
+    kept = [d for d in os.environ["PATH"].split(os.pathsep) if not (Path(d) / "npu-smi").exists()]
+    return {"PATH": os.pathsep.join(kept), "COLUMNS": "300"}
+
+
+def test_plan_on_a_host_without_npu_tools_plans_with_the_devices_unchecked(
+    tmp_path: Path, repo: Path, engine_python: Path
+) -> None:
+    result = npu_sft(
+        "plan", str(repo / "configs/qwen7b.yaml"), "--set", f"engine.python={engine_python}",
+        "--set", "engine.env_script=null", "--set", "publish.modelscope.repo_id=team/qwen7b-lora",
+        "--set", "publish.merged.enabled=true", cwd=tmp_path, extra_env=without_device_tools(),
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "npu x 4, not checked on this host" in out
+    assert "--nproc_per_node 4" in out and "ASCEND_RT_VISIBLE_DEVICES='<free devices, chosen at lease>'" in out
+    assert "warning: devices not checked: devices.kind is npu but neither npu-smi nor npu-list is on PATH" in out
+    # Where the adapter goes after the evaluation, as configured.
+    assert ("qwen1_5-7b-lora: a new version per run, alias candidate; champion when eval/rouge_l (higher is better) "
+            "beats the base model by more than 0 and beats the current champion") in out
+    assert "each new champion to team/qwen7b-lora, branch master (created private if missing)" in out
+    assert "token from $MODELSCOPE_API_TOKEN" in out
+    assert "registered as qwen1_5-7b-lora-merged" in out
+
+
+def test_run_on_a_host_without_npu_tools_is_refused_naming_the_file_and_key(
+    tmp_path: Path, repo: Path, engine_python: Path
+) -> None:
+    config = repo / "configs/qwen7b.yaml"
+    result = npu_sft(
+        "run", str(config), "--set", f"engine.python={engine_python}", "--set", "engine.env_script=null",
+        cwd=tmp_path, extra_env=without_device_tools(),
+    )
+    assert_refused_before_anything_started(
+        result, tmp_path, f"{config}: devices.kind is npu but neither npu-smi nor npu-list is on PATH"
+    )
+
+
 def plan_qwen7b_on_fake_host(
     tmp_path: Path, repo: Path, engine_python: Path, setting: str, fixture: str, columns: str | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from npu_sft.gate import Champion, GateSettings, decide
+from npu_sft.gate import Champion, GateSettings, decide, describe_gate
 
 ADAPTER = {"eval/rouge_l": 14.5, "base/rouge_l": 0.3, "gain/rouge_l": 14.2}
 
@@ -49,3 +49,16 @@ def test_lower_is_better_for_a_lower_direction() -> None:
 
 def test_a_champion_without_the_score_does_not_block() -> None:
     assert decide(GateSettings(), ADAPTER, Champion("1", None)).promote
+
+
+def test_the_gate_reads_as_one_line_in_the_plan() -> None:
+    assert describe_gate(GateSettings()) == (
+        "champion when eval/rouge_l (higher is better) beats the base model by more than 0 and beats the current "
+        "champion"
+    )
+    assert describe_gate(GateSettings(metric="bleu_4", threshold=30, min_gain=None, beat_champion=False)) == (
+        "champion when eval/bleu_4 (higher is better) reaches 30"
+    )
+    assert describe_gate(GateSettings(min_gain=None, beat_champion=False)) == (
+        "every version with a finite eval/rouge_l becomes champion"
+    )
