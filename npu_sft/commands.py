@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.table import Table
 
 from npu_sft.devices import DeviceToolMissing, render_device_report, take_inventory
-from npu_sft.llamafactory_config import env_script_missing
-from npu_sft.settings import ConfigError, Pipeline, load_pipeline
+from npu_sft.llamafactory_config import check_with_engine, env_script_missing
+from npu_sft.settings import ConfigError, Pipeline, load_pipeline, missing_data_file
 from npu_sft.tracking import tracking_uri
 
 
@@ -35,12 +35,14 @@ def run_demo(args: argparse.Namespace) -> int:
 def load_for_engine(args: argparse.Namespace) -> Pipeline:
     """The pipeline of a command that starts the engine: bad input fails here, before Prefect starts anything."""
     pipeline = load_pipeline(args.config, args.overrides)
-    if (missing := env_script_missing(pipeline)) is not None:
-        raise ConfigError(missing)
+    for missing in (env_script_missing(pipeline), missing_data_file(pipeline)):
+        if missing is not None:
+            raise ConfigError(missing)
     try:
         take_inventory(pipeline.settings.devices)  # whether devices are free is the leases' to wait for
     except DeviceToolMissing as err:
         raise ConfigError(f"{pipeline.config_file}: {err}") from None
+    check_with_engine(pipeline)  # as `plan` does; the flow's own check then finds the verdict kept
     return pipeline
 
 

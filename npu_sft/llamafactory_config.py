@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tempfile
@@ -11,8 +12,8 @@ from typing import Any
 import yaml
 
 from npu_sft import process
-from npu_sft.engine import engine_script_command
-from npu_sft.settings import ConfigError, Pipeline
+from npu_sft.engine import ENGINE_SCRIPTS, EngineSettings, engine_script_command
+from npu_sft.settings import ConfigError, Pipeline, where_set
 
 DEEPSPEED_SHORT_NAME = re.compile(r"^ds_z[0-3](_offload)?$")
 SECRET_KEY = re.compile(r"(token|secret|password|api_key|apikey)", re.IGNORECASE)
@@ -99,22 +100,69 @@ def check_with_engine(pipeline: Pipeline, *, without_missing_env_script: bool = 
         if not without_missing_env_script:
             raise ConfigError(missing)
         engine = engine.model_copy(update={"env_script": None})
-    source = pipeline.llamafactory_file
+    verdict = _engine_verdict(pipeline, config, engine)
+    if not verdict["ok"]:
+        raise ConfigError(_refusal(pipeline, verdict["error"]))
+
+
+CHECK_SCRIPT = "check_llamafactory_config.py"
+
+
+def _engine_verdict(pipeline: Pipeline, config: dict[str, Any], engine: EngineSettings) -> dict[str, Any]:
+    """The engine's verdict on `config`, kept by content (config, engine settings, check script, engine env stamp):
+    `plan`, `run` and the flow's own check of the same config start the engine once."""
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "config": config,
+                "engine": engine.model_dump(mode="json"),
+                "script": (ENGINE_SCRIPTS / CHECK_SCRIPT).read_text(encoding="utf-8"),
+                "env": _engine_env_stamp(engine),
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()[:32]
+    kept = pipeline.state_dir / "checks" / f"{key}.json"
+    if kept.is_file():
+        return json.loads(kept.read_text(encoding="utf-8"))
     scratch_dir = pipeline.state_dir / "tmp"
     scratch_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=scratch_dir, delete=False, encoding="utf-8") as handle:
         yaml.safe_dump(config, handle, sort_keys=False, allow_unicode=True)
         config_file = Path(handle.name)
     try:
-        command = engine_script_command(engine, "check_llamafactory_config.py", [str(config_file)])
+        command = engine_script_command(engine, CHECK_SCRIPT, [str(config_file)])
         completed = process.run_streaming(command.argv, env=command.env, stdin_file=command.stdin_file)
     finally:
         config_file.unlink(missing_ok=True)
     verdict = _last_json_line(completed.tail)
     if not completed.ok or verdict is None:
         raise process.CommandFailed(completed, "checking the LLaMA-Factory config in the engine env")
-    if not verdict["ok"]:
-        raise ConfigError(f"{source}: LLaMA-Factory refuses this config: {verdict['error']}")
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    partial = kept.with_suffix(".partial")
+    partial.write_text(json.dumps(verdict), encoding="utf-8")
+    partial.replace(kept)  # whole or absent: two processes checking at once both write the same verdict
+    return verdict
+
+
+def _engine_env_stamp(engine: EngineSettings) -> list[int]:
+    """Changes when the local engine env is rebuilt or packages are installed into it (their directories change);
+    an engine behind a command prefix (a container) is not looked into."""
+    if not engine.is_local or "/" not in engine.python:
+        return []
+    python = Path(engine.python)
+    paths = [python, *sorted(python.parent.parent.glob("lib/python*/site-packages"))]
+    return [path.stat().st_mtime_ns for path in paths if path.exists()]
+
+
+def _refusal(pipeline: Pipeline, error: str) -> str:
+    """The engine's refusal naming where the key is set (errors of our check start with `key: `; LLaMA-Factory's own
+    may name no key)."""
+    key, sep, reason = error.partition(": ")
+    if sep and key in pipeline.llamafactory:
+        return f"{where_set(pipeline, key)}: {reason}"
+    return f"{pipeline.llamafactory_file}: LLaMA-Factory refuses this config: {error}"
 
 
 def _last_json_line(lines: list[str]) -> dict[str, Any] | None:

@@ -28,7 +28,7 @@ from npu_sft.engine import (
 from npu_sft.gate import describe_gate
 from npu_sft.merged_export import merged_model_name
 from npu_sft.llamafactory_config import check_with_engine, env_script_missing, resolve_train_config
-from npu_sft.settings import ConfigError, Pipeline, TinyModelSource
+from npu_sft.settings import ConfigError, Pipeline, TinyModelSource, missing_data_file
 from npu_sft.tiny_model import ensure_tiny_model, tokenizer_file
 
 MASTER_PORT_PLACEHOLDER = 0  # chosen (and reserved) when the task leases its devices
@@ -73,7 +73,7 @@ def render_plan(pipeline: Pipeline) -> list[RenderableType]:
     settings = pipeline.settings
     check_with_engine(pipeline, without_missing_env_script=True)
     warnings = [Text(f"warning: {missing}; `npu-sft run` here would refuse it", style="yellow")
-                for missing in [env_script_missing(pipeline)] if missing is not None]
+                for missing in (env_script_missing(pipeline), missing_data_file(pipeline)) if missing is not None]
     devices = planned_devices(pipeline, "train")
     if devices.unchecked is not None:
         warnings.append(Text(f"warning: devices not checked: {devices.unchecked}", style="yellow"))

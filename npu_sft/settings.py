@@ -9,10 +9,11 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from npu_sft.datasets import DataSettings
 from npu_sft.devices import DeviceSettings
@@ -65,10 +66,23 @@ class TrainingSettings(_Strict):
     )
 
 
+# The stores MLflow's tracking registry knows without plugins (a path is a file store); `+driver` suffixes allowed.
+TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
 class MlflowSettings(_Strict):
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_location: str = "mlruns/artifacts"
     experiment: str = "sft"
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _a_store_mlflow_knows(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme.split("+")[0]
+        if scheme not in TRACKING_SCHEMES:
+            known = ", ".join(f"{name}:" for name in TRACKING_SCHEMES if name)
+            raise ValueError(f"{scheme}: is not a store MLflow tracks runs in ({known} or a directory path)")
+        return value
 
 
 class PublishSettings(_Strict):
@@ -147,13 +161,25 @@ def split_names(value: Any) -> list[str]:
 def _read_yaml(path: Path, what: str) -> tuple[Any, yaml.Node | None]:
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {err.object[err.start]:#04x}); save it as UTF-8") from None
     try:
         return yaml.safe_load(text), yaml.compose(text)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{line}: YAML syntax error: {err.problem or err.context}") from None
+
+
+def key_line(path: Path, key: str) -> int | None:
+    """The 1-based line of a top-level key in a YAML file (None if it is not there or the file does not parse)."""
+    try:
+        return _line_of(yaml.compose(path.read_text(encoding="utf-8")), (key,))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
@@ -244,6 +270,7 @@ def load_pipeline(config_file: str | Path, overrides: list[str] | None = None) -
         config_file=config_path.resolve(), settings=settings, llamafactory_file=lf_file, llamafactory=lf_config
     )
     _check_datasets_defined(pipeline)
+    _check_values_read_here(pipeline)
     _check_eval_split(pipeline)
     _check_gate(pipeline)
     _check_serving_key(pipeline)
@@ -290,12 +317,56 @@ def _check_gate(pipeline: Pipeline) -> None:
         )
 
 
+def missing_data_file(pipeline: Pipeline) -> str | None:
+    """One line naming the first local data file or directory the run would read that is not on this host (a plan
+    may be made elsewhere: `run` refuses it, `plan` warns)."""
+    names = set(pipeline.dataset_names)
+    for index, spec in enumerate(pipeline.settings.data.datasets):
+        if spec.name not in names or spec.source != "file" or spec.path is None or spec.path.exists():
+            continue
+        try:
+            tree = yaml.compose(pipeline.config_file.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            tree = None
+        line = _line_of(tree, ("data", "datasets", index, "path"))
+        relative = "" if spec.path.is_absolute() else f" (relative to the current directory, {Path.cwd()})"
+        return (
+            f"{pipeline.config_file}{f':{line}' if line else ''}: data.datasets.{index}.path: {spec.path} does not "
+            f"exist{relative}"
+        )
+    return None
+
+
+def _check_values_read_here(pipeline: Pipeline) -> None:
+    """LLaMA-Factory keys the pipeline itself reads (the split and the length statistics are cut here, before the
+    engine sees them): a wrong type or range is refused now, naming where the key is set."""
+    config = pipeline.llamafactory
+    val_size = config.get("val_size", 0.0)
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or not (
+        0 <= val_size < 1 or (val_size >= 1 and float(val_size).is_integer())
+    ):
+        raise ConfigError(
+            f"{where_set(pipeline, 'val_size')}: {val_size!r} is neither a share in [0, 1) nor a whole number of rows"
+        )
+    cutoff_len = config.get("cutoff_len", LLAMAFACTORY_DEFAULT_CUTOFF_LEN)
+    if isinstance(cutoff_len, bool) or not isinstance(cutoff_len, int) or cutoff_len < 1:
+        raise ConfigError(f"{where_set(pipeline, 'cutoff_len')}: {cutoff_len!r} is not a token count of 1 or more")
+
+
+def where_set(pipeline: Pipeline, key: str) -> str:
+    """`FILE:LINE: key` of a LLaMA-Factory key: the pipeline's `llamafactory.overrides`, or the LLaMA-Factory YAML."""
+    if key in pipeline.settings.llamafactory.overrides:
+        return f"{pipeline.config_file}: llamafactory.overrides.{key}"
+    line = key_line(pipeline.llamafactory_file, key)
+    return f"{pipeline.llamafactory_file}{f':{line}' if line is not None else ''}: {key}"
+
+
 def _check_eval_split(pipeline: Pipeline) -> None:
     """The eval stage scores the held-out split that preparation cuts with `val_size`: refuse a config without one
     now, not after the training."""
     if pipeline.settings.eval.enabled and pipeline.val_size == 0:
         raise ConfigError(
-            f"{pipeline.llamafactory_file}: val_size: 0 leaves no held-out rows for the eval stage; set val_size "
+            f"{where_set(pipeline, 'val_size')}: 0 leaves no held-out rows for the eval stage; set val_size "
             f"(a share such as 0.1, or a row count), or eval.enabled: false in {pipeline.config_file.name}"
         )
 

@@ -4,11 +4,16 @@
 
 Prints one JSON line: {"ok": true} or {"ok": false, "error": "..."}; exit code 0 either way, 2 on a usage error.
 `get_train_args` would also refuse DeepSpeed outside torchrun, so only the parser step runs: it rejects unknown
-keys and wrong types and runs the dataclasses' own consistency checks, without loading a model or taking a device.
+keys and runs the dataclasses' own consistency checks (some are asserts), without loading a model or taking a
+device. Two checks the parser leaves to the training are made here: HfArgumentParser.parse_dict converts no types
+(`learning_rate: fast` would reach the optimizer), and the chat template is looked up only when data loads.
 """
 
+import difflib
 import json
 import sys
+import types
+import typing
 
 import yaml
 
@@ -20,16 +25,90 @@ def main() -> int:
     with open(sys.argv[1], encoding="utf-8") as handle:
         config = yaml.safe_load(handle)
 
-    # A private name in llamafactory 0.9.x; this is the one place that depends on it.
-    from llamafactory.hparams.parser import _parse_train_args
+    # Private names in llamafactory 0.9.x; this is the one place that depends on them.
+    from llamafactory.hparams.parser import _TRAIN_ARGS, _parse_train_args
 
+    # Types first: the parser's own checks read the values (a bf16 of "maybe" is true to them) and say no key.
+    problem = _type_problem(config, _TRAIN_ARGS)
+    if problem is not None:
+        return _refuse(problem)
     try:
         _parse_train_args(config)
     except (ValueError, TypeError) as err:
-        print(json.dumps({"ok": False, "error": str(err)}))
-        return 0
+        return _refuse(str(err))
+    except AssertionError as err:  # the argument classes check some values with assert
+        return _refuse(str(err) or "an assertion in LLaMA-Factory's argument classes failed")
+    problem = _template_problem(config)
+    if problem is not None:
+        return _refuse(problem)
     print(json.dumps({"ok": True}))
     return 0
+
+
+def _refuse(error: str) -> int:
+    print(json.dumps({"ok": False, "error": error}))
+    return 0
+
+
+def _type_problem(config: dict, argument_classes: list) -> "str | None":
+    """The first config value of a bool, int, float or one-of field that is not one (strings that read as a number
+    are kept: YAML reads `5e-5` as a string, and transformers converts it)."""
+    hints: dict = {}
+    for arguments in argument_classes:
+        try:
+            hints.update(typing.get_type_hints(arguments))
+        except (NameError, TypeError):  # an annotation this Python cannot resolve: that class goes unchecked
+            continue
+    for key, value in config.items():
+        expected = _checked_type(hints.get(key))
+        if expected is None or value is None:
+            continue
+        if isinstance(expected, tuple):
+            if value not in expected:
+                return f"{key}: {value!r} is not one of {', '.join(map(str, expected))}"
+        elif not _fits(value, expected):
+            wanted = {bool: "true or false", int: "a whole number", float: "a number"}[expected]
+            return f"{key}: {value!r} is not {wanted}"
+    return None
+
+
+def _checked_type(hint: object) -> "type | tuple | None":
+    """bool, int or float; a tuple of the allowed values of a Literal; None: not checked here."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        members = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        hint = members[0] if len(members) == 1 else None
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    return hint if hint in (bool, int, float) else None
+
+
+def _fits(value: object, expected: type) -> bool:
+    if expected is bool:
+        return isinstance(value, bool) or str(value).lower() in ("true", "false")
+    if isinstance(value, bool):
+        return False
+    if expected is int:
+        return isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("+-").isdigit())
+    if isinstance(value, (int, float)):
+        return True
+    try:
+        float(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+def _template_problem(config: dict) -> "str | None":
+    name = config.get("template")
+    if name is None:
+        return None
+    from llamafactory.data.template import TEMPLATES
+
+    if name in TEMPLATES:
+        return None
+    close = difflib.get_close_matches(str(name), list(TEMPLATES), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; it has {len(TEMPLATES)}, e.g. qwen, llama3"
+    return f"template: {name!r} is not a chat template of this LLaMA-Factory{hint}"
 
 
 if __name__ == "__main__":

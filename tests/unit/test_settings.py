@@ -107,7 +107,8 @@ def test_no_held_out_split_is_refused_at_load_naming_the_key(tiny_config: Path) 
     with pytest.raises(ConfigError) as err:
         load_pipeline(tiny_config, ["llamafactory.overrides.val_size=0"])
     message = str(err.value)
-    assert "tiny_lora_sft.yaml: val_size: 0 leaves no held-out rows" in message
+    # Set by an override: the key named is where it was set.
+    assert "pipeline.yaml: llamafactory.overrides.val_size: 0 leaves no held-out rows" in message
     assert "\n" not in message
 
 
