@@ -14,6 +14,7 @@ from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
 
 from npu_sft.download import ModelSource, is_commit_id
+from npu_sft.errors import NpuSftError
 from npu_sft.settings import ConfigError, TinyModelSource
 from npu_sft.tracking import RunTracker
 
@@ -24,7 +25,7 @@ BASE_MODEL_TAG = "base_model"
 BASE_REVISION_TAG = "base_model.revision"
 
 
-class PublishError(RuntimeError):
+class PublishError(NpuSftError, RuntimeError):
     """The adapter could not be published; the registry is as it was before."""
 
 

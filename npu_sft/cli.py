@@ -17,9 +17,9 @@ import sys
 import warnings
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = PROJECT_DIR / "configs" / "tiny_cpu.yaml"
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+DEBUG_VAR = "NPU_SFT_DEBUG"  # set (to anything): errors end with their traceback, as bugs do
 
 
 def _use_project_prefect_home() -> None:
@@ -82,13 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     _use_project_prefect_home()
     warnings.showwarning = _show_warning_once
     from npu_sft.commands import run_command
-    from npu_sft.user_errors import BAD_INPUT_ERRORS
+    from npu_sft.errors import BadInputError, NpuSftError
 
     try:
         return run_command(args)
-    except BAD_INPUT_ERRORS as err:
+    except NpuSftError as err:
+        if os.environ.get(DEBUG_VAR):
+            raise
+        # The flow's log (Prefect's UI, the console above) holds the details; this is the line that matters.
         print(f"npu-sft: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT if isinstance(err, BadInputError) else EXIT_FAILED
     except KeyboardInterrupt:
         print("npu-sft: interrupted", file=sys.stderr)
         return 130

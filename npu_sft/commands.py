@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 
@@ -11,6 +13,9 @@ from npu_sft.devices import DeviceToolMissing, render_device_report, take_invent
 from npu_sft.llamafactory_config import check_with_engine, env_script_missing
 from npu_sft.settings import ConfigError, Pipeline, load_pipeline, missing_data_file
 from npu_sft.tracking import tracking_uri
+
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -26,8 +31,6 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from npu_sft.cli import DEMO_CONFIG
-
     args.config = str(DEMO_CONFIG)
     return run_flow(args)
 

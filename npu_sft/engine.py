@@ -1,4 +1,5 @@
-"""The one place that builds engine command lines. Pure functions: no I/O beyond reading settings.
+"""The one place that builds engine command lines (argv, environment, stdin); it looks up the engine's python and
+env script on this host, and runs nothing (`npu_sft.process` runs what it builds).
 
 The engine (LLaMA-Factory, torch, deepspeed; torch-npu and CANN on Ascend) lives in its own environment, addressed as
 a python executable, optionally behind a command prefix (`docker exec -i llamafactory`, `ssh host`) and an env
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from npu_sft.errors import BadInputError
 from npu_sft.serve_settings import ServeSettings
 
 ENGINE_SCRIPTS = Path(__file__).parent / "engine_scripts"
@@ -28,7 +30,7 @@ _BY_NAME_TOOLS = ("docker", "podman")
 _BY_NAME_SUBCOMMANDS = ("exec", "run")
 
 
-class SecretInArgvError(ValueError):
+class SecretInArgvError(BadInputError, ValueError):
     """The engine's command prefix cannot receive a secret without it showing in a command line."""
 
 

@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from npu_sft import registry
 from npu_sft.download.hub import HUB_CALL_ERRORS
 from npu_sft.download.settings import TOKEN_ENV_VAR
+from npu_sft.errors import BadInputError
 from npu_sft.push_settings import ModelScopePushSettings
 from npu_sft.secret_blocks import SecretBlockError, read_secret_block
 from npu_sft.settings import MlflowSettings
@@ -28,7 +29,7 @@ PUSHED_TAG = "modelscope.url"  # on a model version: the repository it was pushe
 CARD_METRIC_PREFIXES = ("eval/", "base/", "gain/")
 
 
-class PushError(RuntimeError):
+class PushError(BadInputError, RuntimeError):
     """The adapter did not reach the ModelScope repository; the registry is unchanged."""
 
 

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from npu_sft.errors import NpuSftError
+
 # tqdm redraws its bar with carriage returns; those frames are noise in a task log.
 _PROGRESS_BAR = re.compile(r"\d+%\|.*\|")
 TAIL_LINES = 200
@@ -34,7 +36,7 @@ class CompletedCommand:
         return self.returncode == 0
 
 
-class CommandFailed(RuntimeError):
+class CommandFailed(NpuSftError, RuntimeError):
     def __init__(self, completed: CompletedCommand, what: str):
         self.completed = completed
         last = "\n".join(completed.tail[-15:])

@@ -16,7 +16,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from npu_sft.adapter_model import AdapterFacts, note_version
 from npu_sft.gate import Champion, GateDecision, GateSettings, decide
-from npu_sft.registry import CHAMPION
+from npu_sft.registry import CHAMPION, name_filter
 from npu_sft.tracking import RunTracker
 
 CANDIDATE = "candidate"
@@ -71,7 +71,7 @@ def publish_version(
     """Register the run's logged adapter model `model_id` as a version of `name` (once per run), alias it
     `candidate`, and make it `champion` if it passes `gate` against its `metrics` and the current champion."""
     client = tracker.client
-    earlier = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == tracker.run_id]
+    earlier = [v for v in client.search_model_versions(name_filter(name)) if v.run_id == tracker.run_id]
     if earlier:
         version, new_version = str(min(int(v.version) for v in earlier)), False
     else:

@@ -96,6 +96,9 @@ def fail_mlflow_runs(client: MlflowClient, flow_run_id: str, reason: str, status
     return end_running_runs(client, experiment_ids, flow_run_id, RunStatus.to_string(status), reason, RECONCILED_TAG)
 
 
+PAGE_SIZE = 200  # flow runs per read from the Prefect API
+
+
 @dataclass
 class Reconciler:
     prefect: SyncPrefectClient
@@ -110,7 +113,10 @@ class Reconciler:
     _signalled: dict[tuple[int, int], float] = field(default_factory=dict)  # process -> when it got SIGTERM
     _unsupervised_since: dict[str, float] = field(default_factory=dict)  # flow run id -> first seen orphaned
     _gone_since: dict[str, float] = field(default_factory=dict)  # cancelling flow run id -> first seen without process
-    _mlflow_checked: set[str] = field(default_factory=set)
+    # Every unsuccessful flow run that ended before the cursor has had its MLflow runs ended; of those that ended
+    # exactly at it, these: memory stays bounded however long the worker lives.
+    _cursor: datetime | None = None
+    _checked_at_cursor: set[str] = field(default_factory=set)
     _foreign: set[str] = field(default_factory=set)  # run ids this server does not know: never asked again
     _since: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
@@ -224,27 +230,36 @@ class Reconciler:
         return []
 
     def _fail_mlflow_runs_of_unsuccessful_runs(self) -> list[str]:
-        runs = self.prefect.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=UNSUCCESSFUL_STATES)),
-                end_time=FlowRunFilterEndTime(after_=self._since - self.lookback),
-            ),
-            sort=FlowRunSort.END_TIME_DESC,
-            limit=200,
-        )
         done: list[str] = []
-        for flow_run in runs:
+        for flow_run in reversed(self._unsuccessful_runs_since_cursor()):  # oldest first: the cursor only moves on
             run_id = str(flow_run.id)
-            if run_id in self._mlflow_checked or flow_run.state is None:
+            if flow_run.state is None or flow_run.end_time is None or run_id in self._checked_at_cursor:
                 continue
             reason = f"Prefect flow run {run_id} ended {flow_run.state.name}: {flow_run.state.message or ''}".strip()
             cancelled = flow_run.state.type == StateType.CANCELLED
             status = RunStatus.KILLED if cancelled else RunStatus.FAILED
             failed = fail_mlflow_runs(self.mlflow, run_id, reason, status)
-            self._mlflow_checked.add(run_id)
+            if self._cursor is None or flow_run.end_time > self._cursor:
+                self._cursor, self._checked_at_cursor = flow_run.end_time, set()
+            self._checked_at_cursor.add(run_id)
             ended = RunStatus.to_string(status)
             done += [f"MLflow run {mlflow_run_id}: marked {ended} ({reason})" for mlflow_run_id in failed]
         return done
+
+    def _unsuccessful_runs_since_cursor(self) -> list[FlowRun]:
+        """Newest first, every page of them (a busy day may end more than one page of runs between two passes)."""
+        flow_run_filter = FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=UNSUCCESSFUL_STATES)),
+            end_time=FlowRunFilterEndTime(after_=self._cursor or self._since - self.lookback),
+        )
+        runs: list[FlowRun] = []
+        while True:
+            page = self.prefect.read_flow_runs(
+                flow_run_filter=flow_run_filter, sort=FlowRunSort.END_TIME_DESC, limit=PAGE_SIZE, offset=len(runs)
+            )
+            runs += page
+            if len(page) < PAGE_SIZE:
+                return runs
 
 
 def main(argv: list[str] | None = None) -> int:

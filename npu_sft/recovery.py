@@ -19,6 +19,7 @@ from enum import Enum
 from pathlib import Path
 
 from npu_sft.devices import DeviceProcess
+from npu_sft.errors import NpuSftError
 
 # --------------------------------------------------------------------------------------------------------------------
 # Failure classification
@@ -190,7 +191,7 @@ def classify_failure(tail: Sequence[str], returncode: int) -> Failure:
 DeviceProbe = Callable[[Sequence[int]], Mapping[int, Sequence[DeviceProcess]]]
 
 
-class DevicesStillBusy(RuntimeError):
+class DevicesStillBusy(NpuSftError, RuntimeError):
     """The previous training's processes did not leave the cards in time."""
 
 
@@ -275,7 +276,17 @@ def safetensors_problem(path: Path) -> str | None:
     if not isinstance(header, dict):
         return f"{path.name}: safetensors header is not a JSON object"
     data_len = size - 8 - header_len
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    ends = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]
+        ):
+            return f"{path.name}: tensor {key!r} has no valid data_offsets in the header"
+        ends.append(offsets[1])
     if max(ends, default=0) != data_len:
         return f"{path.name}: tensors need {max(ends, default=0)} bytes of data, the file holds {data_len}"
     return None

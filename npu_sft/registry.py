@@ -11,6 +11,7 @@ import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
+from npu_sft.errors import BadInputError
 from npu_sft.settings import MlflowSettings
 from npu_sft.tracking import client_for, tracking_uri
 
@@ -20,7 +21,7 @@ CHAMPION = "champion"  # the alias the publish gate gives a version that passed 
 ADAPTER_MARKER = "adapter_config.json"  # what makes a directory a PEFT adapter
 
 
-class RegistryError(LookupError):
+class RegistryError(BadInputError, LookupError):
     """The registered model or version does not exist, or its files are not an adapter."""
 
 
@@ -38,6 +39,15 @@ class RegisteredAdapter:
         return f"models:/{self.name}/{self.version}"
 
 
+def name_filter(name: str) -> str:
+    """`name = '...'` for a registry search, in the quote the name does not contain (MLflow's filter strings have
+    no escape); `publish.registered_model` refuses a name holding both."""
+    quote = "'" if "'" not in name else '"'
+    if quote in name:
+        raise RegistryError(f"registered model name {name!r} holds both quote characters; MLflow cannot search for it")
+    return f"name = {quote}{name}{quote}"
+
+
 def resolve_version(settings: MlflowSettings, name: str, version: str) -> str:
     """A version number (checked to exist), `latest` (the highest number), an alias such as `champion` (also
     written `@champion`), which the publish gate moves, or `runs:/<run_id>`: the version published from that run."""
@@ -52,7 +62,7 @@ def resolve_version(settings: MlflowSettings, name: str, version: str) -> str:
                 raise
             raise RegistryError(f"registered model {name!r} has no version {version} in {tracking_uri(settings)}") from None
         return version
-    versions = client.search_model_versions(f"name='{name}'")
+    versions = client.search_model_versions(name_filter(name))
     if not versions:
         raise RegistryError(
             f"registered model {name!r} has no versions in {tracking_uri(settings)}: run the sft flow first"
@@ -73,7 +83,7 @@ def resolve_version(settings: MlflowSettings, name: str, version: str) -> str:
 def _version_of_run(settings: MlflowSettings, name: str, run_id: str) -> str:
     if not run_id.isalnum():  # also keeps the filter string below well-formed
         raise RegistryError(f"{RUNS_PREFIX}{run_id} is not an MLflow run id")
-    versions = client_for(settings).search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    versions = client_for(settings).search_model_versions(f"{name_filter(name)} and run_id = '{run_id}'")
     if not versions:
         raise RegistryError(
             f"run {run_id} published no version of {name!r} in {tracking_uri(settings)} (publish.enabled was false, "

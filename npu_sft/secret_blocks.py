@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from prefect.blocks.system import Secret
 
+from npu_sft.errors import BadInputError
 
-class SecretBlockError(LookupError):
+
+class SecretBlockError(BadInputError, LookupError):
     """The named Secret block does not exist on the Prefect server, or holds no string."""
 
 

@@ -35,6 +35,7 @@ import httpx
 import yaml
 
 from npu_sft import host_processes
+from npu_sft.errors import NpuSftError
 
 HOST = "127.0.0.1"  # loopback only: nothing here has authentication
 WORK_POOL = "device-hosts"  # must match work_pool.name in deployments/prefect.yaml
@@ -58,7 +59,7 @@ _FOREIGN_PREFECT_VARS = (
 )
 
 
-class ServiceError(RuntimeError):
+class ServiceError(NpuSftError, RuntimeError):
     """A service could not be started or checked; the message says which and shows its log."""
 
 

@@ -13,11 +13,12 @@ import httpx
 
 from npu_sft import process
 from npu_sft.engine import EngineSettings, ServedModel, api_server_command
+from npu_sft.errors import NpuSftError
 from npu_sft.settings import Pipeline, ServeSettings
 
 
-class ServeError(RuntimeError):
-    pass
+class ServeError(NpuSftError, RuntimeError):
+    """The API server did not start, or did not answer as it should; the message ends with its log."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from npu_sft.datasets import DataSettings
 from npu_sft.devices import DeviceSettings
 from npu_sft.download import ModelSource
 from npu_sft.engine import EngineSettings, passes_secrets_by_name, secret_refusal
+from npu_sft.errors import BadInputError
 from npu_sft.evaluation.settings import EvalSettings
 from npu_sft.gate import GateSettings
 from npu_sft.push_settings import MergedExportSettings, ModelScopePushSettings
@@ -28,7 +29,7 @@ from npu_sft.serve_settings import ServeSettings
 LLAMAFACTORY_DEFAULT_CUTOFF_LEN = 2048
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInputError, ValueError):
     """A pipeline or LLaMA-Factory config is unusable; the message is one line naming file, line and key."""
 
 
@@ -87,12 +88,19 @@ class MlflowSettings(_Strict):
 
 class PublishSettings(_Strict):
     enabled: bool = True
-    registered_model: str
+    registered_model: str = Field(min_length=1)
     gate: GateSettings = Field(default_factory=GateSettings)
     merged: MergedExportSettings = Field(default_factory=MergedExportSettings)
     modelscope: ModelScopePushSettings | None = Field(
         None, description="push each new champion's adapter to this ModelScope model repository"
     )
+
+    @field_validator("registered_model")
+    @classmethod
+    def _searchable(cls, value: str) -> str:
+        if "'" in value and '"' in value:
+            raise ValueError("holds both ' and \"; MLflow's registry search cannot quote such a name")
+        return value
 
 
 class PipelineSettings(_Strict):
@@ -132,6 +140,10 @@ class Pipeline(BaseModel):
 
     @property
     def val_size(self) -> float:
+        """The held-out share or row count preparation cuts: `data.val_size` when set, else the LLaMA-Factory
+        config's (which the engine then sees as 0: the split is done)."""
+        if self.settings.data.val_size is not None:
+            return float(self.settings.data.val_size)
         return float(self.llamafactory.get("val_size", 0.0))
 
     @property
@@ -365,8 +377,12 @@ def _check_eval_split(pipeline: Pipeline) -> None:
     """The eval stage scores the held-out split that preparation cuts with `val_size`: refuse a config without one
     now, not after the training."""
     if pipeline.settings.eval.enabled and pipeline.val_size == 0:
+        where = (
+            f"{pipeline.config_file}: data.val_size" if pipeline.settings.data.val_size is not None
+            else where_set(pipeline, "val_size")
+        )
         raise ConfigError(
-            f"{where_set(pipeline, 'val_size')}: 0 leaves no held-out rows for the eval stage; set val_size "
+            f"{where}: 0 leaves no held-out rows for the eval stage; set val_size "
             f"(a share such as 0.1, or a row count), or eval.enabled: false in {pipeline.config_file.name}"
         )
 

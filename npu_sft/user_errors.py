@@ -15,13 +15,7 @@ from __future__ import annotations
 import logging
 import re
 
-from npu_sft.datasets import DatasetError
-from npu_sft.devices import DeviceError
-from npu_sft.download import DownloadError
-from npu_sft.modelscope_push import PushError
-from npu_sft.settings import ConfigError
-
-BAD_INPUT_ERRORS: tuple[type[Exception], ...] = (ConfigError, DeviceError, DatasetError, DownloadError, PushError)
+from npu_sft.errors import BadInputError
 # Prefect's run loggers send to its API (the UI's log view); everything reaches the console through the root logger.
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 _MARK = "npu_sft_user_error"
@@ -31,16 +25,16 @@ _FAILED_STATE = re.compile(r"encountered an exception:? (?P<error>\w+):")
 
 def is_user_error(error: BaseException | None) -> bool:
     """Bad input the user fixes in a config or on the hub; not an outage that a later retry may get past."""
-    return isinstance(error, BAD_INPUT_ERRORS) and not getattr(error, "retryable", False)
+    return isinstance(error, BadInputError) and not error.retryable
 
 
 def user_error_names() -> set[str]:
     """The class names of every user error, as Prefect writes them into a failed state's message."""
     names: set[str] = set()
-    pending: list[type[BaseException]] = list(BAD_INPUT_ERRORS)
+    pending: list[type[BadInputError]] = [BadInputError]
     while pending:
         cls = pending.pop()
-        if not getattr(cls, "retryable", False):
+        if not cls.retryable:
             names.add(cls.__name__)
         pending.extend(cls.__subclasses__())
     return names

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from npu_sft.errors import BadInputError
 
-class DatasetError(Exception):
+
+class DatasetError(BadInputError):
     """Dataset preparation cannot produce usable training data; the message says why and what to do.
 
     `rejects_path` points at the rejected rows (with their reasons) when the failure is about the rows themselves,

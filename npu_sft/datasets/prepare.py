@@ -60,10 +60,6 @@ class PreparedData:
     rejects_path: Path
     cache_hit: bool
 
-    @property
-    def dataset_info_path(self) -> Path:
-        return self.dir / DATASET_INFO_FILE
-
     def llamafactory_args(self) -> dict[str, Any]:
         """Keys to set in the LLaMA-Factory training config. The split is already done here, and the engine
         refuses `val_size` beside `eval_dataset`, so it is zeroed."""

@@ -178,11 +178,6 @@ class DatasetSpec(BaseModel):
             return self.fill_identity
         return self.source == "builtin" and self.name == "identity"
 
-    @classmethod
-    def from_dataset_info(cls, name: str, entry: dict[str, Any], dataset_dir: Path) -> DatasetSpec:
-        """A spec from one entry of a LLaMA-Factory `dataset_info.json` living in `dataset_dir`."""
-        return cls.model_validate(_spec_fields_from_dataset_info(name, entry, dataset_dir))
-
 
 # Registration keys of LLaMA-Factory that carry no meaning for a local, text-only SFT set.
 _IGNORED_DATASET_INFO_KEYS = {"file_sha1"}

@@ -1,7 +1,9 @@
 """Errors of the device layer: one base class so callers (the Prefect task, the CLI) can catch them together."""
 
+from npu_sft.errors import BadInputError
 
-class DeviceError(Exception):
+
+class DeviceError(BadInputError):
     """A device request that cannot be served: bad input, unknown ids, a probe that failed."""
 
 

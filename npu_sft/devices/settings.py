@@ -7,7 +7,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TaskName = Literal["train", "eval", "serve"]
 # A device request: how many devices (any free ones), or exactly which ids.
 DeviceRequest = int | tuple[int, ...]
 

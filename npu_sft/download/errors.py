@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from npu_sft.errors import BadInputError
 
-class DownloadError(Exception):
+
+class DownloadError(BadInputError):
     """A model or dataset could not be made available. The message names the repository and revision."""
 
     retryable: bool = False

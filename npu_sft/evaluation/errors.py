@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+from npu_sft.errors import NpuSftError
 from npu_sft.process import CommandFailed, CompletedCommand
 from npu_sft.recovery import classify_failure
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(NpuSftError, RuntimeError):
     """The eval stage cannot run or its outputs are unusable; the message says which file and what to do."""
 
 

@@ -66,6 +66,8 @@ PIPELINE_CASES = {
     ),
     "push repository not owner/name": Broken("publish.modelscope.repo_id: ",
                                              overrides=("publish.modelscope.repo_id=justaname",)),
+    "registered model name unsearchable": Broken("publish.registered_model: holds both ' and \"",
+                                                 overrides=("publish.registered_model=a'b\"c",)),
     "deepspeed file missing": Broken("{lf}: deepspeed: 'ds_z9' not found", lf=(("stage: sft", "stage: sft\ndeepspeed: ds_z9"),)),
 }
 

@@ -34,9 +34,19 @@ class FakePrefect:
         self.runs = {run.id: run for run in runs}
         self.proposed: list[tuple[uuid.UUID, State]] = []
 
-    def read_flow_runs(self, *, flow_run_filter: Any = None, sort: Any = None, limit: int | None = None) -> list[FlowRun]:
+    def read_flow_runs(
+        self, *, flow_run_filter: Any = None, sort: Any = None, limit: int | None = None, offset: int = 0
+    ) -> list[FlowRun]:
+        """As the API answers: the state and end-time filters (`after_` includes the time itself), END_TIME_DESC,
+        then offset and limit."""
         wanted = set(flow_run_filter.state.type.any_)
-        return [run for run in self.runs.values() if run.state is not None and run.state.type in wanted]
+        runs = [run for run in self.runs.values() if run.state is not None and run.state.type in wanted]
+        end_time = getattr(flow_run_filter, "end_time", None)
+        if end_time is not None and end_time.after_ is not None:
+            runs = [run for run in runs if run.end_time is not None and run.end_time >= end_time.after_]
+        if sort is not None and sort.name == "END_TIME_DESC":
+            runs.sort(key=lambda run: run.end_time or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
+        return runs[offset:][:limit]
 
     def read_flow_run(self, flow_run_id: uuid.UUID) -> FlowRun:
         if flow_run_id not in self.runs:
@@ -244,3 +254,24 @@ def test_the_mlflow_run_of_a_cancelled_flow_run_ends_killed(mlflow_client: Mlflo
     mlflow_run_id = _mlflow_run(mlflow_client, str(cancelled.id))
     Reconciler(FakePrefect(cancelled), mlflow_client, None, list_processes=lambda: []).run_once()
     assert mlflow_client.get_run(mlflow_run_id).info.status == "KILLED"
+
+
+def test_every_unsuccessful_run_is_seen_once_however_many_end_and_the_memory_stays_small(
+    monkeypatch: pytest.MonkeyPatch, mlflow_client: MlflowClient, signals: list
+) -> None:
+    ended: list[str] = []
+    monkeypatch.setattr(reconcile, "fail_mlflow_runs", lambda client, run_id, reason, status: ended.append(run_id) or [])
+    # More than two pages of runs, ending a second apart, within the look-back window.
+    runs = [flow_run(Failed(message="boom"), ended_ago_s=1000 - i) for i in range(450)]
+    prefect = FakePrefect(*runs)
+    sweeper = Reconciler(prefect, mlflow_client, None, grace_s=30, clock=Clock(), list_processes=lambda: [])
+    sweeper.run_once()
+    assert sorted(ended) == sorted(str(run.id) for run in runs)
+    assert len(sweeper._checked_at_cursor) == 1  # the newest run; older ones lie behind the cursor
+    ended.clear()
+    sweeper.run_once()
+    assert ended == []
+    newer = flow_run(Crashed(message="lost"), ended_ago_s=0)
+    prefect.runs[newer.id] = newer
+    sweeper.run_once()
+    assert ended == [str(newer.id)]

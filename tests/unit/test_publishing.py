@@ -167,3 +167,21 @@ def test_a_publish_that_fails_midway_leaves_the_registry_as_it_was(store, tmp_pa
     experiment = client.get_run(broken.run_id).info.experiment_id
     (model,) = client.search_logged_models([experiment], filter_string=f"source_run_id = '{broken.run_id}'")
     assert model.status == LoggedModelStatus.FAILED
+
+
+def test_a_name_with_a_quote_and_spaces_publishes_resolves_and_republishes(store, tmp_path: Path) -> None:
+    """The name goes into MLflow's registry search filters, which have no escape: it is quoted with the other quote."""
+    from npu_sft import registry
+
+    name = "team's qwen adapter"
+    tracker = trained_run(store, tmp_path, 10.0)
+    metrics = tracker.client.get_run(tracker.run_id).data.metrics
+    model_id = log_adapter_model(tracker, tmp_path / f"adapter-{tracker.run_id}", FACTS, metrics)
+    lock = tmp_path / "publish.lock"
+    first = publish_version(tracker, name, model_id, FACTS, GateSettings(), metrics, lock)
+    again = publish_version(tracker, name, model_id, FACTS, GateSettings(), metrics, lock)
+    assert first.version == again.version == "1"
+    assert registry.resolve_version(store, name, "latest") == "1"
+    assert registry.resolve_version(store, name, f"runs:/{tracker.run_id}") == "1"
+    with pytest.raises(registry.RegistryError, match="holds both quote characters"):
+        registry.name_filter("""a'b"c""")

@@ -141,3 +141,32 @@ def test_safetensors_check_accepts_a_whole_file_and_rejects_a_stub(tmp_path: Pat
     assert safetensors_problem(path) is None
     path.write_bytes(b"\x01\x02")
     assert "shorter than a safetensors header" in (safetensors_problem(path) or "")
+
+
+def write_header(path: Path, header: object) -> None:
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"\0" * 1024)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"lora_A": {"dtype": "F32", "shape": [256]}},  # no data_offsets
+        {"lora_A": [0, 1024]},  # an entry that is not an object
+        {"lora_A": {"dtype": "F32", "data_offsets": ["0", "1024"]}},
+        {"lora_A": {"dtype": "F32", "data_offsets": [512, 0]}},
+    ],
+)
+def test_a_malformed_header_makes_the_checkpoint_incomplete_and_the_previous_one_is_resumed(
+    tmp_path: Path, header: object
+) -> None:
+    write_checkpoint(tmp_path, 10)
+    newest = write_checkpoint(tmp_path, 20)
+    write_header(newest / "adapter_model.safetensors", header)
+    assert "adapter_model.safetensors: tensor 'lora_A' has no valid data_offsets" in (
+        safetensors_problem(newest / "adapter_model.safetensors") or ""
+    )
+    point = find_resume_point(tmp_path)
+    assert point.checkpoint is not None and point.checkpoint.step == 10
+    assert [check.path.name for check in point.skipped] == ["checkpoint-20"]

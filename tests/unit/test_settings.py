@@ -154,3 +154,11 @@ def test_vllm_serving_is_refused_on_the_cpu_and_below_the_adapter_rank(tiny_conf
         load_pipeline(tiny_config, ["serve.backend=vllm", "devices.kind=npu", "serve.vllm.max_lora_rank=4",
                                     "llamafactory.overrides.lora_rank=8"])
     assert load_pipeline(tiny_config, ["serve.backend=vllm", "devices.kind=npu"]).settings.serve.backend == "vllm"
+
+
+def test_data_val_size_is_the_split_plan_run_and_the_eval_check_all_use(tiny_config: Path) -> None:
+    # Preparation cuts the held-out split with data.val_size when it is set, whatever the LLaMA-Factory YAML says.
+    pipeline = load_pipeline(tiny_config, ["llamafactory.overrides.val_size=0", "data.val_size=0.2"])
+    assert pipeline.val_size == 0.2
+    with pytest.raises(ConfigError, match=r"pipeline.yaml: data.val_size: 0 leaves no held-out rows"):
+        load_pipeline(tiny_config, ["data.val_size=0"])
