@@ -85,6 +85,21 @@ def list_processes(env_keys: Collection[str] = ()) -> list[ProcessInfo]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, ...), from /proc; empty without /proc."""
+    if not PROC.is_dir():
+        return []
+    children: dict[int, list[int]] = {}
+    for info in list_processes():
+        children.setdefault(info.ppid, []).append(info.pid)
+    found, pending = [], list(children.get(pid, []))
+    while pending:
+        child = pending.pop()
+        found.append(child)
+        pending.extend(children.get(child, []))
+    return found
+
+
 def processes_with_env(key: str, value: str) -> list[ProcessInfo]:
     """Live processes that inherited `key=value`; only this user's processes are readable, which is all we stop."""
     return [info for info in list_processes([key]) if info.env.get(key) == value]

@@ -100,6 +100,7 @@ def render_plan(pipeline: Pipeline) -> list[RenderableType]:
     summary.add_row("LLaMA-Factory config", f"{pipeline.llamafactory_file} (accepted by LLaMA-Factory's parser)")
     summary.add_row("train devices", devices.shown)
     summary.add_row("model", _describe_model(pipeline))
+    summary.add_row("stall deadlines", _stall_row(pipeline, devices.kind))
     for stage, description in _publish_rows(pipeline):
         summary.add_row(stage, description)
     return [
@@ -134,6 +135,27 @@ def _serve_line(pipeline: Pipeline) -> str:
     command = api_server_command(settings.engine, model, settings.serve, port=8000, api_key="", env=env)
     shown = [*env, *settings.engine.env, *SERVE_SHOWN_ENV] if settings.engine.is_local else []
     return render_command(command, shown)
+
+
+HCCL_DEFAULT_EXEC_TIMEOUT_S = 1800  # CANN's default for HCCL_EXEC_TIMEOUT
+
+
+def _stall_row(pipeline: Pipeline, kind: str) -> str:
+    """The watchdog's deadlines beside the collective timeouts it undercuts (a hang waits for those otherwise)."""
+    stall = pipeline.settings.training.stall
+    if not stall.enabled:
+        watchdog = "watchdog off (training.stall.enabled: false)"
+    else:
+        watchdog = (
+            f"start-up {stall.startup_s:g} s; between steps {stall.step_factor:g} x the longest interval, at least "
+            f"{stall.step_floor_s:g} s; evaluation or save {stall.phase_s:g} s"
+        )
+    collectives = [f"ddp_timeout {pipeline.llamafactory.get('ddp_timeout', 1800)} s"]
+    if kind == "npu":
+        hccl = pipeline.settings.engine.env.get("HCCL_EXEC_TIMEOUT")
+        shown = f"{hccl} s" if hccl is not None else f"{HCCL_DEFAULT_EXEC_TIMEOUT_S} s (CANN's default)"
+        collectives.append(f"HCCL_EXEC_TIMEOUT {shown}")
+    return f"{watchdog}; a hang otherwise waits for {', '.join(collectives)}"
 
 
 def _publish_rows(pipeline: Pipeline) -> list[tuple[str, str]]:

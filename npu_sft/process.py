@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from npu_sft import host_processes
 from npu_sft.errors import NpuSftError
 
 # tqdm redraws its bar with carriage returns; those frames are noise in a task log.
@@ -64,11 +65,13 @@ def run_streaming(
     on_line: Callable[[str], None] | None = None,
     stdin_file: Path | None = None,
     orphan_grace_s: float = 10.0,
+    stop: threading.Event | None = None,
 ) -> CompletedCommand:
     """Run a command to completion, sending each output line (stderr merged) to `on_line` and to `log_file`.
 
     The child gets its own process group so that stopping it (Ctrl+C, a cancelled flow run) also stops the
-    torchrun workers it spawned.
+    torchrun workers it spawned. Setting `stop` SIGKILLs that group (a stalled training: hung ranks may never
+    handle a SIGTERM, and stopped ones cannot).
     """
     started = time.monotonic()
     tail: deque[str] = deque(maxlen=TAIL_LINES)
@@ -93,6 +96,8 @@ def run_streaming(
     threading.Thread(
         target=_stop_orphans_of, args=(proc, output_closed, orphan_grace_s), name="npu-sft-orphans", daemon=True
     ).start()
+    if stop is not None:
+        threading.Thread(target=_kill_when_stopped, args=(proc, stop), name="npu-sft-stop", daemon=True).start()
     try:
         if proc.stdout is None:
             raise RuntimeError("subprocess stdout pipe missing")
@@ -129,6 +134,18 @@ def _stop_orphans_of(proc: subprocess.Popen, output_closed: threading.Event, gra
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass  # the group emptied in the meantime
+
+
+def _kill_when_stopped(proc: subprocess.Popen, stop: threading.Event) -> None:
+    while not stop.wait(0.5):
+        if proc.poll() is not None:
+            return
+    # torchrun starts each rank in a session of its own: the group of the command does not reach them.
+    host_processes.send_signal(host_processes.descendants(proc.pid), signal.SIGKILL)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # it ended on its own meanwhile
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:

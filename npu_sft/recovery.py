@@ -31,6 +31,7 @@ class FailureKind(str, Enum):
     CONFIG_ERROR = "config_error"
     DEVICE_BUSY = "device_busy"
     CRASHED = "crashed"
+    STALLED = "stalled"  # no progress within the phase's deadline: stopped by the watchdog (npu_sft.stall)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Failure:
     @property
     def retryable(self) -> bool:
         # The same config and the same memory budget fail the same way again; a crash or a busy card may not.
-        return self.kind in (FailureKind.CRASHED, FailureKind.DEVICE_BUSY)
+        return self.kind in (FailureKind.CRASHED, FailureKind.DEVICE_BUSY, FailureKind.STALLED)
 
     def describe(self) -> str:
         """What happened and whether a retry may help: "crashed, retryable: rank 1 (pid 645) was killed by SIGKILL"."""
@@ -56,6 +57,7 @@ class Failure:
             FailureKind.CONFIG_ERROR: "was refused by LLaMA-Factory (configuration error)",
             FailureKind.DEVICE_BUSY: "found the cards still held by a previous training process (HCCL)",
             FailureKind.CRASHED: "crashed",
+            FailureKind.STALLED: "stalled and was stopped",
         }[self.kind]
 
 

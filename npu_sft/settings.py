@@ -24,6 +24,7 @@ from npu_sft.evaluation.settings import EvalSettings
 from npu_sft.gate import GateSettings
 from npu_sft.push_settings import MergedExportSettings, ModelScopePushSettings
 from npu_sft.serve_settings import ServeSettings
+from npu_sft.stall import StallSettings
 
 
 LLAMAFACTORY_DEFAULT_CUTOFF_LEN = 2048
@@ -65,6 +66,7 @@ class TrainingSettings(_Strict):
     device_release_timeout_s: float = Field(
         600.0, gt=0, description="how long to wait for a previous training's processes to leave the cards"
     )
+    stall: StallSettings = Field(default_factory=StallSettings)
 
 
 # The stores MLflow's tracking registry knows without plugins (a path is a file store); `+driver` suffixes allowed.

@@ -51,6 +51,7 @@ from npu_sft.recovery import (
     wait_for_idle_devices,
 )
 from npu_sft.settings import TrainingSettings
+from npu_sft.stall import ProgressWatchdog, StallSettings, rank_states, stalled_ranks
 
 TRAINER_LOG = "trainer_log.jsonl"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -64,6 +65,7 @@ DEVICE_MEMORY_METRIC_NAMES = {
 }
 # Every key `step_metrics` can produce: what a re-run of the train task asks the run for, to log no step twice.
 STEP_METRIC_KEYS = (*STEP_METRIC_NAMES.values(), *DEVICE_MEMORY_METRIC_NAMES.values())
+STALL_SAMPLE_S = 1.0  # between the two looks at the ranks of a stalled attempt
 
 
 class CommandRunner(Protocol):
@@ -74,6 +76,7 @@ class CommandRunner(Protocol):
         env: Mapping[str, str] | None = None,
         log_file: Path | None = None,
         on_line: Callable[[str], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> process.CompletedCommand: ...
 
 
@@ -207,6 +210,7 @@ class RetryPolicy:
     device_settle_s: float = 10.0
     device_release_timeout_s: float = 600.0
     device_poll_s: float = 5.0
+    stall: StallSettings = field(default_factory=StallSettings)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -219,6 +223,7 @@ class RetryPolicy:
             retry_delay_s=settings.retry_delay_s,
             device_settle_s=settings.device_settle_s,
             device_release_timeout_s=settings.device_release_timeout_s,
+            stall=settings.stall,
         )
 
 
@@ -365,6 +370,7 @@ class _AttemptOutput:
     completed: process.CompletedCommand
     records: list[dict[str, Any]]
     peak_rss_kib: int | None
+    stall: str | None = None  # why the watchdog stopped it
 
 
 def _run_attempt(
@@ -373,6 +379,8 @@ def _run_attempt(
     follower: TrainerLogFollower,
     sampler: RankMemorySampler,
     ledger: StepLedger,
+    watchdog: ProgressWatchdog,
+    config_file: Path,
     log_file: Path,
     on_line: Callable[[str], None],
     on_metrics: Callable[[list[Metric]], None],
@@ -380,14 +388,16 @@ def _run_attempt(
     run_command: CommandRunner,
     poll_interval_s: float,
 ) -> _AttemptOutput:
-    """One torchrun attempt to its end, its trainer log followed (and its ranks' memory sampled) from a thread."""
+    """One torchrun attempt to its end, its trainer log followed (and its ranks' memory sampled) from a thread,
+    which also stops the attempt's process group when the watchdog finds it stalled."""
     records: list[dict[str, Any]] = []
+    stop = threading.Event()
+    stalled: list[str] = []
+    lock = threading.Lock()  # the watchdog hears output lines from this thread and steps from the follower's
 
     def poll() -> None:
         sampler.sample()
         new = follower.read_new()
-        if not new:
-            return
         records.extend(new)
         metrics = ledger.new_only(m for record in new for m in step_metrics(record))
         if metrics:
@@ -395,15 +405,29 @@ def _run_attempt(
         percentages = [r["percentage"] for r in new if isinstance(r.get("percentage"), (int, float))]
         if percentages and on_progress is not None:
             on_progress(float(percentages[-1]))
+        with lock:
+            if any("current_steps" in record for record in new):
+                watchdog.stepped()
+            stall = None if stop.is_set() else watchdog.stall()
+        if stall is not None:
+            before = rank_states(config_file)
+            time.sleep(STALL_SAMPLE_S)  # CPU time spent between two looks tells a stuck rank from a busy one
+            stalled.append(f"{stall}; {stalled_ranks(before, rank_states(config_file))}")
+            stop.set()
 
-    stop = threading.Event()
-    thread = process.follow_in_thread(poll, stop, poll_interval_s)
+    def hear(line: str) -> None:
+        with lock:
+            watchdog.saw_line(line)
+        on_line(line)
+
+    finished = threading.Event()
+    thread = process.follow_in_thread(poll, finished, poll_interval_s)
     try:
-        completed = run_command(command.argv, env=command.env, log_file=log_file, on_line=on_line)
+        completed = run_command(command.argv, env=command.env, log_file=log_file, on_line=hear, stop=stop)
     finally:
-        stop.set()
+        finished.set()
         thread.join()
-    return _AttemptOutput(completed, records, sampler.peak_kib)
+    return _AttemptOutput(completed, records, sampler.peak_kib, stalled[0] if stalled else None)
 
 
 def _finish_from_final_checkpoint(
@@ -507,6 +531,8 @@ def run_training(
             follower=TrainerLogFollower(output_dir / TRAINER_LOG),
             sampler=RankMemorySampler(attempt_config),
             ledger=ledger,
+            watchdog=ProgressWatchdog(policy.stall, clock, settle_s=2 * poll_interval_s),
+            config_file=attempt_config,
             log_file=log_file,
             on_line=on_line,
             on_metrics=on_metrics,
@@ -519,6 +545,8 @@ def run_training(
             peak_rss_kib = max(peak_rss_kib or 0, output.peak_rss_kib)
         completed = output.completed
         failure = None if completed.ok else classify_failure(completed.tail, completed.returncode)
+        if output.stall is not None:
+            failure = Failure(FailureKind.STALLED, output.stall, completed.returncode)
         exit_crash = None
         if failure is not None and not final_output_problems(output_dir, expects_eval=expects_evaluation(run_config)):
             # The work is done and on disk; the processes died on the way out (HCCL/gloo teardown).

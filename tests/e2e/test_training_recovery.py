@@ -29,6 +29,8 @@ from npu_sft.engine import DistributedLaunch
 from npu_sft.llamafactory_config import resolve_train_config, write_config
 from npu_sft.settings import Pipeline, load_pipeline
 from npu_sft.tiny_model import ensure_tiny_model, tokenizer_file
+from npu_sft.recovery import FailureKind
+from npu_sft.stall import StallSettings
 from npu_sft.training import RetryPolicy, launch_env, run_training
 
 pytestmark = pytest.mark.e2e
@@ -182,7 +184,6 @@ def test_rank_killed_at_a_random_step_resumes_in_the_same_mlflow_run(
     assert metrics["train_loss"] == pytest.approx(curve_mean, rel=0.02)
     last_attempt = json.loads((run_dir / "output" / "train_results.json").read_text())
     assert last_attempt["train_loss"] < 0.9 * metrics["train_loss"]
-    assert metrics["train/steps_run"] > PLANNED_STEPS  # the steps after the checkpoint ran twice
     # The killed attempt adds its loop time in LLaMA-Factory's whole seconds: nothing when it died within the first.
     assert metrics["train_runtime"] == metrics["train/loop_time_s"] >= last_attempt["train_runtime"]
     assert metrics["train_samples_per_second"] == pytest.approx(
@@ -191,6 +192,8 @@ def test_rank_killed_at_a_random_step_resumes_in_the_same_mlflow_run(
     log = (run_dir / "logs" / "train.log").read_text()
     resumed_from = int(log.split("training attempt 2/3, resuming from checkpoint-")[1].split()[0].rstrip(","))
     assert 10 <= resumed_from <= killed["step"] and resumed_from % 10 == 0
+    # The steps after the checkpoint ran twice (none, when the kill came right after a checkpoint's step).
+    assert metrics["train/steps_run"] >= PLANNED_STEPS + killed["step"] - resumed_from
     assert (run_dir / "llamafactory.attempt-2.yaml").is_file()
 
 
@@ -356,3 +359,55 @@ def test_a_rank_crashing_after_the_final_outputs_leaves_a_finished_training(
     assert (output_dir / "adapter_model.safetensors").is_file()
     assert json.loads((output_dir / "eval_results.json").read_text())["eval_loss"] == pytest.approx(eval_loss, rel=1e-3)
     assert "training attempt" not in (tmp_path / "train.log").read_text().split("evaluating checkpoint-51")[-1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# run_training directly: a hung rank is found and the training resumed
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_stopped_rank_is_found_stalled_and_the_training_resumes_from_its_newest_checkpoint(
+    tmp_path: Path, engine_python: Path, tiny_models: Path
+) -> None:
+    """SIGSTOP is how a hung device or a stuck collective looks from outside: the other rank waits in gloo for ever
+    (ddp_timeout is 1800 s). A 3 s step deadline must catch it, name the rank, and resume from checkpoint-20."""
+    tiny = tiny_training(tmp_path, engine_python, tiny_models, SHORT_RUN)
+    config_file = write_config(tiny.config, tmp_path / "llamafactory.yaml")
+    output_dir = Path(tiny.config["output_dir"])
+    stopped_at: list[float] = []
+
+    def after_step_22() -> bool:
+        if last_logged_step(output_dir / "trainer_log.jsonl") >= 22:
+            stopped_at.append(time.monotonic())
+            return True
+        return False
+
+    victim = kill_a_rank_once(after_step_22, str(tmp_path), signal.SIGSTOP)
+    events: list[tuple[float, str]] = []
+    logged: list[tuple[str, float, int]] = []
+    stall = StallSettings(startup_s=300, step_floor_s=3, step_factor=10, phase_s=60)
+    result = run_training(
+        tiny.pipeline.settings.engine,
+        DistributedLaunch(nproc_per_node=2, master_port=free_port()),
+        config_file,
+        output_dir,
+        device_env=launch_env("cpu"),
+        log_file=tmp_path / "train.log",
+        on_line=lambda line: None,
+        on_event=lambda event: events.append((time.monotonic(), event)),
+        on_metrics=logged.extend,
+        policy=RetryPolicy(max_attempts=2, retry_delay_s=1, stall=stall),
+    )
+    victim["thread"].join(timeout=10)
+    assert "pid" in victim, victim
+    first, second = result.attempts
+    assert first.failure is not None and first.failure.kind is FailureKind.STALLED, first.failure
+    assert f"rank {victim['rank']} (pid {victim['pid']}) is stopped" in first.failure.evidence
+    reported_at = next(at for at, event in events if "stalled and was stopped" in event)
+    # The learned deadline (10 x the longest step interval, at least 3 s) plus the look at the ranks and a poll.
+    assert reported_at - stopped_at[0] < 15, (reported_at - stopped_at[0], first.failure.evidence)
+    assert second.resumed_from_step == 20 and second.failure is None
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == PLANNED_STEPS
+    loss_steps = [step for key, _, step in logged if key == "loss"]
+    assert loss_steps == list(range(2, PLANNED_STEPS, 2))  # steps 22..24 ran twice, logged once

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from npu_sft.devices import DeviceProcess
 from npu_sft.engine import DistributedLaunch, EngineSettings
 from npu_sft.process import CompletedCommand
 from npu_sft.recovery import FailureKind, classify_failure
+from npu_sft import training
+from npu_sft.stall import StallSettings
 from npu_sft.training import RetryPolicy, TrainingFailed, run_training
 from tests.unit.test_recovery_checkpoints import truncate, write_checkpoint, write_safetensors, write_torch_archive
 
@@ -194,7 +197,7 @@ class ScriptedEngine:
         self.configs: list[dict] = []
 
     def __call__(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, log_file: Path | None = None,
-                 on_line=None) -> CompletedCommand:
+                 on_line=None, stop=None) -> CompletedCommand:
         step = self.script[len(self.configs)]
         self.configs.append(yaml.safe_load(Path(argv[-1]).read_text()))
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -213,6 +216,16 @@ class ScriptedEngine:
             write_final_outputs(self.output_dir, without=step.get("without", ()))
         for name, content in step.get("files", {}).items():
             (self.output_dir / name).write_text(json.dumps(content))
+        for line in step.get("lines", []):
+            on_line(line)
+        time.sleep(step.get("pause_s", 0))
+        if step.get("more_steps"):
+            with (self.output_dir / "trainer_log.jsonl").open("a") as log:
+                for current in step["more_steps"]:
+                    log.write(json.dumps({"current_steps": current, "total_steps": 30, "loss": 1.0}) + "\n")
+        if step.get("hang"):  # a rank stopped: nothing more until the watchdog stops the process group
+            assert stop is not None and stop.wait(20), "the watchdog never stopped the hung attempt"
+            return CompletedCommand(list(argv), -9, ["(killed)"], log_file, 1.0)
         return CompletedCommand(list(argv), step["returncode"], step.get("tail", []), log_file, 1.0)
 
 
@@ -458,3 +471,36 @@ def test_a_failed_evaluation_of_the_final_checkpoint_fails_the_training(job: dic
     engine = ScriptedEngine(job["output_dir"], [{"returncode": 1, "tail": NPU_OOM}])
     with pytest.raises(TrainingFailed, match="evaluating the final checkpoint-51 failed"):
         run_training(**evaluating(job), on_metrics=lambda m: None, run_command=engine)
+
+
+def test_a_hung_attempt_is_stopped_by_the_watchdog_and_resumed_from_its_newest_checkpoint(
+    job: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(training, "STALL_SAMPLE_S", 0.01)
+    engine = ScriptedEngine(job["output_dir"], [
+        {"steps": [1, 2, 3, 4], "checkpoints": [2], "hang": True},
+        {"returncode": 0, "steps": list(range(5, 31))},
+    ])
+    events: list[str] = []
+    policy = RetryPolicy(max_attempts=2, retry_delay_s=0, stall=StallSettings(step_floor_s=0.5, startup_s=5))
+    started = time.monotonic()
+    result = run_training(**job, on_metrics=lambda m: None, on_event=events.append, run_command=engine, policy=policy)
+    assert time.monotonic() - started < 10
+    first, second = result.attempts
+    assert first.failure is not None and first.failure.kind is FailureKind.STALLED and first.failure.retryable
+    assert first.failure.evidence.startswith("no progress for ") and " s while training (deadline " in (
+        first.failure.evidence
+    )
+    assert "no rank process found on this host" in first.failure.evidence  # the scripted engine has no ranks
+    assert second.resumed_from_step == 2 and second.failure is None
+    assert any("stalled and was stopped, retryable: no progress" in event for event in events), events
+
+
+def test_a_long_checkpoint_save_is_not_a_stall(job: dict) -> None:
+    engine = ScriptedEngine(job["output_dir"], [{
+        "returncode": 0, "steps": [1, 2], "pause_s": 1.5, "more_steps": [3, 4],
+        "lines": ["[INFO|trainer.py:3815] 2026-12-05 23:57:25,206 >> Saving model checkpoint to /out/checkpoint-2"],
+    }])
+    policy = RetryPolicy(max_attempts=1, stall=StallSettings(step_floor_s=0.3, startup_s=5, phase_s=10))
+    result = run_training(**job, on_metrics=lambda m: None, run_command=engine, policy=policy)
+    assert [attempt.failure for attempt in result.attempts] == [None]
