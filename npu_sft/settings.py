@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from npu_sft.datasets import DataSettings
+from npu_sft.datasets.settings import check_val_size
 from npu_sft.devices import DeviceSettings
 from npu_sft.download import ModelSource
 from npu_sft.engine import EngineSettings, passes_secrets_by_name, secret_refusal
@@ -356,12 +357,14 @@ def _check_values_read_here(pipeline: Pipeline) -> None:
     engine sees them): a wrong type or range is refused now, naming where the key is set."""
     config = pipeline.llamafactory
     val_size = config.get("val_size", 0.0)
-    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or not (
-        0 <= val_size < 1 or (val_size >= 1 and float(val_size).is_integer())
-    ):
+    try:
+        if isinstance(val_size, bool) or not isinstance(val_size, (int, float)):
+            raise ValueError("not a number")
+        check_val_size(val_size)  # the rule `data.val_size` is held to
+    except ValueError:
         raise ConfigError(
             f"{where_set(pipeline, 'val_size')}: {val_size!r} is neither a share in [0, 1) nor a whole number of rows"
-        )
+        ) from None
     cutoff_len = config.get("cutoff_len", LLAMAFACTORY_DEFAULT_CUTOFF_LEN)
     if isinstance(cutoff_len, bool) or not isinstance(cutoff_len, int) or cutoff_len < 1:
         raise ConfigError(f"{where_set(pipeline, 'cutoff_len')}: {cutoff_len!r} is not a token count of 1 or more")
