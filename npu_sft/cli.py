@@ -7,6 +7,7 @@
     npu-sft evaluate configs/tiny_cpu.yaml --version champion   # the champion, as the registry holds it
     npu-sft prepare configs/tiny_cpu.yaml          # dataset preparation alone
     npu-sft devices                                # device inventory and current leases
+    npu-sft compare sft-tiny                       # an experiment's runs, best first, the params that differ
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     with_config("prepare", "run dataset preparation alone and print its statistics and rejects")
     devices = commands.add_parser("devices", help="show the device inventory and current leases")
     devices.add_argument("--config", help="pipeline config whose `devices:` settings to use")
+    compare = commands.add_parser("compare", help="an experiment's runs best first, with the params that differ")
+    compare.add_argument("experiment", nargs="?", help="MLflow experiment (default: the config's mlflow.experiment)")
+    compare.add_argument("--config", help="pipeline config whose MLflow store (and experiment) to read")
+    compare.add_argument("--metric", help="order by this metric (default: eval/rouge_l, else eval_loss); loss-like "
+                         "metrics rank lower first, scores higher first")
+    compare.add_argument("--format", choices=("table", "csv", "json"), default="table")
     return parser
 
 

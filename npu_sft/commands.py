@@ -26,6 +26,7 @@ def run_command(args: argparse.Namespace) -> int:
         "plan": plan,
         "prepare": prepare,
         "devices": devices,
+        "compare": compare,
     }
     return handlers[args.command](args)
 
@@ -130,3 +131,34 @@ def devices(args: argparse.Namespace) -> int:
     settings = load_pipeline(args.config).settings.devices if args.config else DeviceSettings()
     Console().print(*render_device_report(settings), sep="\n")
     return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    """The experiment's runs best first: the config's experiment and store, or the one named in the store of
+    MLFLOW_TRACKING_URI (default: ./mlruns, as the configs use)."""
+    import os
+
+    from mlflow import MlflowClient
+
+    from npu_sft import compare as comparing
+    from npu_sft.settings import MlflowSettings
+
+    settings = load_pipeline(args.config).settings.mlflow if args.config else MlflowSettings(
+        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", MlflowSettings().tracking_uri))
+    experiment = args.experiment or settings.experiment
+    uri = tracking_uri(settings)
+    runs = comparing.load_runs(MlflowClient(tracking_uri=uri, registry_uri=uri), experiment)
+    metric = comparing.pick_metric(runs, args.metric)
+    ranked = comparing.rank(runs, metric)
+    params = comparing.differing_params(ranked)
+    if args.format == "json":
+        print(comparing.to_json(ranked, params))
+    elif args.format == "csv":
+        print(comparing.to_csv(ranked, params), end="")
+    else:
+        console = Console()
+        order = "lower" if comparing.lower_is_better(metric) else "higher"
+        console.print(f"{experiment}: {len(ranked)} runs, best first by {metric} ({order} is better)")
+        comparing.render_table(ranked, params, comparing.metric_columns(ranked, metric), console)
+    return 0
+

@@ -16,7 +16,8 @@ from npu_sft.engine import ENGINE_SCRIPTS, EngineSettings, engine_script_command
 from npu_sft.settings import ConfigError, Pipeline, where_set
 
 DEEPSPEED_SHORT_NAME = re.compile(r"^ds_z[0-3](_offload)?$")
-SECRET_KEY = re.compile(r"(token|secret|password|api_key|apikey)", re.IGNORECASE)
+# Keys that hold a credential end in one of these (hf_hub_token, ms_hub_token, ...); `max_new_tokens` does not.
+SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_?key)$", re.IGNORECASE)
 
 
 def deepspeed_search_dirs(pipeline: Pipeline) -> list[Path]:

@@ -4,10 +4,23 @@ not on MLflow. `npu_sft.tracking.RunTracker` is the implementation the pipeline 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 Metric = tuple[str, float, int]  # (key, value, step)
+
+
+@dataclass(frozen=True)
+class DatasetInput:
+    """A dataset a run read, as MLflow's Dataset column and dataset view show it."""
+
+    name: str
+    digest: str  # of the content: the same rows give the same digest
+    path: Path
+    rows: int
+    context: str  # "train" or "eval"
+    schema: list[dict[str, Any]]  # MLflow's column-spec JSON: [{"name": ..., "type": ..., "required": ...}]
 
 
 class RunRecorder(Protocol):
@@ -25,3 +38,6 @@ class RunRecorder(Protocol):
 
     def log_table(self, columns: Mapping[str, list[Any]], artifact_file: str) -> None:
         """A table (column -> values) as a JSON artifact the MLflow UI shows as a table."""
+
+    def log_dataset_inputs(self, datasets: Iterable[DatasetInput]) -> None:
+        """The datasets the run read, each with its context."""

@@ -36,6 +36,7 @@ import yaml
 
 from npu_sft import host_processes
 from npu_sft.errors import NpuSftError
+from npu_sft.run_summary import MLFLOW_UI_URL_VAR
 
 HOST = "127.0.0.1"  # loopback only: nothing here has authentication
 WORK_POOL = "device-hosts"  # must match work_pool.name in deployments/prefect.yaml
@@ -272,7 +273,9 @@ def service_specs(settings: ServiceSettings, token: str) -> dict[str, ServiceSpe
     server_env = _base_env(settings, token, "prefect-server")
     if settings.prefect_database_url:
         server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = settings.prefect_database_url
-    worker_env = {**_base_env(settings, token, "worker"), PROJECT_DIR_VAR: str(settings.project)}
+    # The worker's flow runs link their MLflow runs to this UI (the store itself is a file).
+    worker_env = {**_base_env(settings, token, "worker"), PROJECT_DIR_VAR: str(settings.project),
+                  MLFLOW_UI_URL_VAR: settings.mlflow_url}
     specs = [
         ServiceSpec(
             name="prefect-server",

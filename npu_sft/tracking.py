@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -11,15 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from npu_sft import recording
 from npu_sft.settings import MlflowSettings
 
 MLFLOW_BATCH_LIMIT = 100
 FLOW_RUN_TAG = "prefect_flow_run_id"  # which Prefect flow run an MLflow run belongs to
 END_REASON_TAG = "npu_sft.end_reason"  # why a run did not finish: the flow run's final state and its message
+# MLflow's UI opens an experiment by its kind: without one, MLflow 3 may open it as a GenAI experiment (an empty
+# traces page) instead of the runs table and charts. "custom_model_development" is its "Machine learning" kind.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 
 
 def tracking_uri(settings: MlflowSettings) -> str:
@@ -54,9 +61,17 @@ def _client(uri: str) -> MlflowClient:
 def _experiment_id(client: MlflowClient, settings: MlflowSettings) -> str:
     experiment = client.get_experiment_by_name(settings.experiment)
     if experiment is not None:
+        kind = experiment.tags.get(EXPERIMENT_KIND_TAG, "")
+        # A kind the UI guessed (or none) is replaced; one a user chose in the UI is theirs.
+        if not kind or kind.endswith("_inferred") or kind == "no_inferred_type":
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return experiment.experiment_id
     try:
-        return client.create_experiment(settings.experiment, artifact_location=artifact_location(settings))
+        return client.create_experiment(
+            settings.experiment,
+            artifact_location=artifact_location(settings),
+            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+        )
     except MlflowException as err:
         # Another pipeline run created it between our lookup and create.
         if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
@@ -117,6 +132,26 @@ class RunTracker:
 
     def log_table(self, columns: Mapping[str, list[Any]], artifact_file: str) -> None:
         self.client.log_table(self.run_id, dict(columns), artifact_file)
+
+    def log_dataset_inputs(self, datasets: Iterable[recording.DatasetInput]) -> None:
+        """As MLflow's dataset inputs (source type "local", as `mlflow.data` records a local file), so the runs
+        table's Dataset column and the run's dataset view show name, digest, rows, schema and context."""
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=dataset.name,
+                    digest=dataset.digest,
+                    source_type="local",
+                    source=json.dumps({"uri": dataset.path.resolve().as_uri()}),
+                    schema=json.dumps({"mlflow_colspec": dataset.schema}),
+                    profile=json.dumps({"num_rows": dataset.rows}),
+                ),
+                tags=[InputTag(MLFLOW_DATASET_CONTEXT, dataset.context)],
+            )
+            for dataset in datasets
+        ]
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def logged_steps(self, keys: Iterable[str]) -> dict[str, int]:
         """The newest step of each of `keys` the run already holds (from an earlier run of the same task)."""

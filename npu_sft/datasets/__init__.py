@@ -6,7 +6,7 @@ from npu_sft.datasets.prepare import PreparedData, prepare_datasets, prepared_di
 from npu_sft.datasets.report import render_prepare_report, stats_table_rows
 from npu_sft.datasets.settings import ColumnMap, DatasetSpec, DataSettings, IdentitySettings, TagMap
 from npu_sft.datasets.stats import DatasetStats, LengthStats, SourceStats
-from npu_sft.datasets.tracking import EVAL_SPLIT_ARTIFACTS, log_dataset_stats
+from npu_sft.datasets.tracking import EVAL_SPLIT_ARTIFACTS, dataset_inputs, log_dataset_stats
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -22,6 +22,7 @@ __all__ = [
     "SourceStats",
     "TagMap",
     "demo_corpus",
+    "dataset_inputs",
     "log_dataset_stats",
     "prepare_datasets",
     "prepared_dir_for",

@@ -1,11 +1,14 @@
-"""Recording dataset statistics in the pipeline's run (MLflow, through the `RunRecorder` the pipeline passes)."""
+"""Recording the prepared datasets (inputs) and their statistics in the pipeline's run (MLflow, through the `RunRecorder` the pipeline passes)."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from npu_sft.datasets.output import DATASET_INFO_FILE, EVAL_FILE, STATS_FILE
+from npu_sft.datasets.output import DATASET_INFO_FILE, EVAL_DATASET, EVAL_FILE, STATS_FILE, TRAIN_DATASET, TRAIN_FILE
 from npu_sft.datasets.stats import DatasetStats, LengthStats
+from npu_sft.recording import DatasetInput
 
 if TYPE_CHECKING:
     from npu_sft.datasets.prepare import PreparedData
@@ -14,6 +17,37 @@ if TYPE_CHECKING:
 ARTIFACT_DIR = "datasets"
 # The recorded eval split, as LLaMA-Factory's `dataset_dir` reads it: enough to score an adapter on another host.
 EVAL_SPLIT_ARTIFACTS = (f"{ARTIFACT_DIR}/{DATASET_INFO_FILE}", f"{ARTIFACT_DIR}/{EVAL_FILE}")
+
+
+# The canonical sharegpt rows every prepared file holds (`output.dataset_registration`), in MLflow's column-spec JSON.
+_MESSAGE = {"type": "object", "properties": {"from": {"type": "string", "required": True},
+                                             "value": {"type": "string", "required": True}}}
+CANONICAL_SCHEMA = [
+    {"name": "conversations", "type": "array", "items": _MESSAGE, "required": True},
+    {"name": "system", "type": "string", "required": True},
+    {"name": "tools", "type": "string", "required": True},
+]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of the file's bytes, shortened as MLflow shows digests."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def dataset_inputs(prepared: PreparedData) -> list[DatasetInput]:
+    """The prepared train (and eval) files as the run's dataset inputs, named after their sources."""
+    name = ",".join(source.name for source in prepared.stats.sources) or prepared.stats.key
+    files = [(TRAIN_DATASET, TRAIN_FILE, prepared.stats.train)]
+    if prepared.eval_dataset is not None:
+        files.append((EVAL_DATASET, EVAL_FILE, prepared.stats.eval))
+    return [
+        DatasetInput(name, file_digest(prepared.dir / file), prepared.dir / file, rows, context, CANONICAL_SCHEMA)
+        for context, file, rows in files
+    ]
 
 
 def dataset_metrics(stats: DatasetStats) -> dict[str, float]:
@@ -53,9 +87,10 @@ def _length_metrics(prefix: str, lengths: LengthStats | None) -> dict[str, float
 
 
 def log_dataset_stats(recorder: RunRecorder, prepared: PreparedData) -> None:
-    """Metrics, tags, and the stats JSON, rejects file, registration and eval split as artifacts under `datasets/`
+    """Dataset inputs, metrics, tags, and the stats JSON, rejects file, registration and eval split as artifacts under `datasets/`
     (the eval split, so that an adapter can be scored again from the run's record alone)."""
     recorder.log_metrics((name, value, 0) for name, value in dataset_metrics(prepared.stats).items())
+    recorder.log_dataset_inputs(dataset_inputs(prepared))
     # Tags rather than params: params are write-once, and a resumed run may prepare again.
     recorder.set_tags(
         {"data.key": prepared.stats.key, "data.dir": str(prepared.dir), "data.cache_hit": str(prepared.cache_hit).lower()}

@@ -119,6 +119,26 @@ def test_an_uninterrupted_training_reports_transformers_own_figures(demo_run: di
     assert f"{metrics['train_loss']:.4f}" in demo_run["stdout"]  # the summary table shows the same figure
 
 
+def test_mlflow_run_reads_as_a_training_run(demo_run: dict, repo: Path) -> None:
+    """What MLflow's UI shows: the experiment opens as machine learning (runs table and charts), the runs table's
+    Source, User and Dataset columns are filled, and the pipeline's settings sit beside the engine's params."""
+    client: MlflowClient = demo_run["client"]
+    experiment = client.get_experiment_by_name("sft-tiny")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    run = client.search_runs([experiment.experiment_id])[0]
+    tags, params = run.data.tags, run.data.params
+    assert tags["mlflow.source.name"] == "flows/sft.py" and tags["mlflow.source.type"] == "LOCAL"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+    assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+    assert tags["npu_sft.git.dirty"] in {"true", "false"} and tags["mlflow.user"] and tags["npu_sft.host"]
+    assert params["pipeline.devices.train"] == "2" and params["pipeline.training.world_size"] == "2"
+    assert params["pipeline.model.source"] == "tiny" and params["pipeline.training.deepspeed_stage"] == "none"
+    inputs = {item.tags[0].value: item.dataset for item in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "eval"}
+    assert inputs["train"].name == "identity,tiny_alpaca"
+    assert json.loads(inputs["eval"].profile)["num_rows"] == run.data.metrics["data.eval_rows"]
+
+
 def test_mlflow_run_holds_the_dataset_statistics(demo_run: dict) -> None:
     client: MlflowClient = demo_run["client"]
     run = client.search_runs([client.get_experiment_by_name("sft-tiny").experiment_id])[0]

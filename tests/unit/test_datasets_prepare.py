@@ -19,6 +19,7 @@ from npu_sft.datasets import (
     DataSettings,
     demo_corpus,
     log_dataset_stats,
+    dataset_inputs,
     prepare_datasets,
     render_prepare_report,
     stats_table_rows,
@@ -295,6 +296,17 @@ def test_log_dataset_stats_to_mlflow(tmp_path: Path, tokenizer_file: Path) -> No
     assert prepared.eval_dataset is not None
     # The eval split too: a registered adapter is scored again from the run's record alone.
     assert artifacts == {"datasets/stats.json", "datasets/rejects.jsonl", "datasets/dataset_info.json", "datasets/eval.jsonl"}
+    # The prepared files as MLflow dataset inputs: the runs table's Dataset column and the dataset view.
+    inputs = {item.tags[0].value: item.dataset for item in client.get_run(run_id).inputs.dataset_inputs}
+    assert set(inputs) == {"train", "eval"}
+    train = inputs["train"]
+    assert train.name == "identity,tiny_alpaca" and train.source_type == "local"
+    assert json.loads(train.source)["uri"] == (prepared.dir / "train.jsonl").resolve().as_uri()
+    assert json.loads(train.profile) == {"num_rows": prepared.stats.train}
+    assert [column["name"] for column in json.loads(train.schema)["mlflow_colspec"]] == ["conversations", "system", "tools"]
+    assert train.digest != inputs["eval"].digest
+    # The same content gives the same digest (a second run on the cached preparation).
+    assert dataset_inputs(prepared)[0].digest == train.digest
 
 
 # the engine reads it --------------------------------------------------------------------------------------------

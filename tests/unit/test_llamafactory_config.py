@@ -61,6 +61,11 @@ def test_params_leave_secrets_out() -> None:
     assert params == {"learning_rate": "0.0001", "fp16": "true", "lora_target": "q_proj,v_proj"}
 
 
+def test_params_keep_keys_that_only_mention_tokens() -> None:
+    params = loggable_params({"max_new_tokens": 64, "new_special_tokens": "<a>", "om_hub_token": "x"})
+    assert params == {"max_new_tokens": "64", "new_special_tokens": "<a>"}
+
+
 def test_a_missing_env_script_is_named_before_the_engine_starts(qwen7b, tmp_path: Path) -> None:
     missing = tmp_path / "set_env.sh"
     pipeline = qwen7b.model_copy(

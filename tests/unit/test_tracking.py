@@ -115,3 +115,22 @@ def test_the_training_follower_goes_on_after_a_refused_write(
     assert loss_steps(tracker) == [2, 4, 6, 8, 10, 12, 14, 16]  # each step once, none lost
     assert len(warnings) == 2  # said once when it began, once when it ended
     assert warnings[0].startswith("MLflow refused step metrics") and "accepts step metrics again" in warnings[1]
+
+
+def test_experiments_open_as_model_training(tmp_path: Path) -> None:
+    from npu_sft.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+
+    settings = MlflowSettings(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_location=str(tmp_path / "artifacts"), experiment="k"
+    )
+    tracker = RunTracker.start(settings, run_name="r", tags={})
+    client = tracker.client
+    experiment = client.get_experiment_by_name("k")
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+    # A kind the UI inferred is replaced; one a user chose is kept.
+    client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, "genai_development_inferred")
+    RunTracker.start(settings, run_name="r2", tags={})
+    assert client.get_experiment(experiment.experiment_id).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+    client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, "finetuning")
+    RunTracker.start(settings, run_name="r3", tags={})
+    assert client.get_experiment(experiment.experiment_id).tags[EXPERIMENT_KIND_TAG] == "finetuning"

@@ -1,0 +1,100 @@
+"""What a pipeline run achieved, as the markdown Prefect shows on the flow run's Artifacts tab, and the way back to
+the MLflow run (its page in MLflow's UI, when there is one).
+
+    summary = RunSummary(pipeline="tiny-cpu", mlflow_run_id=..., mlflow_run_url=..., metrics=..., published=...)
+    create_markdown_artifact(summary.markdown(), key="sft-summary")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # `make up` reads MLFLOW_UI_URL_VAR from here without loading MLflow
+    from npu_sft.publishing import Published
+
+# Where MLflow's UI runs when the tracking store is a file: `make up` sets it for the worker it starts.
+MLFLOW_UI_URL_VAR = "NPU_SFT_MLFLOW_UI_URL"
+SUMMARY_ARTIFACT_KEY = "sft-summary"
+MLFLOW_LINK_ARTIFACT_KEY = "mlflow-run"
+
+_FIGURES = (
+    ("train/steps", "optimizer steps", "{:.0f}"),
+    ("train/attempts", "attempts", "{:.0f}"),
+    ("train/wall_time_s", "training wall time", "{:.0f} s"),
+    ("train/samples_per_s", "samples per second", "{:.2f}"),
+    ("eval_loss", "eval loss", "{:.4f}"),
+    ("perplexity", "perplexity", "{:.3f}"),
+)
+
+
+def mlflow_ui_url(tracking_uri: str, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The MLflow UI's base URL: the tracking server itself, or the UI `make up` started over the file store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    url = environ.get(MLFLOW_UI_URL_VAR, "").strip()
+    return url.rstrip("/") or None
+
+
+def mlflow_run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
+    return f"{ui_url}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    pipeline: str
+    mlflow_run_id: str
+    mlflow_run_url: str | None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    published: Published | None = None
+    served_reply: str | None = None
+    open_hint: str | None = None  # how to open the run when there is no UI URL
+
+    def markdown(self) -> str:
+        run = f"[{self.mlflow_run_id}]({self.mlflow_run_url})" if self.mlflow_run_url else f"`{self.mlflow_run_id}`"
+        lines = [f"# {self.pipeline}: what this run achieved", "", f"MLflow run: {run}"]
+        if not self.mlflow_run_url and self.open_hint:
+            lines.append(f"(open it with `{self.open_hint}`)")
+        lines += ["", *self._scores(), *self._figures(), *self._publish()]
+        if self.served_reply is not None:
+            lines += ["## Served", "", f"Smoke-test reply: {_cell(self.served_reply)}", ""]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def _scores(self) -> list[str]:
+        names = sorted(key.removeprefix("eval/") for key in self.metrics
+                       if key.startswith("eval/") and not key.endswith(("_s", "runtime")))
+        if not names:
+            return []
+        rows = ["## Evaluation", "", "| metric | adapter | base model | gain |", "|---|---:|---:|---:|"]
+        for name in names:
+            base, gain = self.metrics.get(f"base/{name}"), self.metrics.get(f"gain/{name}")
+            rows.append(f"| {name} | {self.metrics[f'eval/{name}']:.4f} | {_number(base)} | "
+                        f"{'' if gain is None else f'{gain:+.4f}'} |")
+        return [*rows, ""]
+
+    def _figures(self) -> list[str]:
+        rows = [f"| {label} | {fmt.format(self.metrics[key])} |" for key, label, fmt in _FIGURES if key in self.metrics]
+        return ["## Training", "", "| figure | value |", "|---|---:|", *rows, ""] if rows else []
+
+    def _publish(self) -> list[str]:
+        published = self.published
+        if published is None:
+            return ["## Publish", "", "Not published (publish is off, or there was nothing to judge).", ""]
+        verdict = "promoted to **champion**" if published.decision.promote else "kept, not promoted"
+        champion = f"; champion is version {published.champion}" if published.champion else ""
+        return [
+            "## Publish", "",
+            f"Registered model `{published.name}` version {published.version}: {verdict}{champion}.", "",
+            f"Gate: {_cell(published.decision.reason)}", "",
+        ]
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _cell(text: str) -> str:
+    """One line of user text that cannot break the markdown around it."""
+    return " ".join(text.split()).replace("|", "\\|")[:300]
