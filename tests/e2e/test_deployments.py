@@ -233,10 +233,22 @@ def test_sft_tiny_deployment_runs_from_the_cli(project: Project) -> None:
     client = project.mlflow()
     (run,) = client.search_runs([client.get_experiment_by_name("sft-tiny").experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.tags["prefect_flow_run_id"]
+    flow_run_id = run.data.tags["prefect_flow_run_id"]
     assert run.data.params["num_train_epochs"] == "2"
     (version,) = client.search_model_versions("name='tiny-qwen2-lora'")
     assert version.run_id == run.info.run_id
+    # Both ways between the two UIs: the MLflow run names its deployment and flow run page, the flow run links to
+    # the MLflow run and sums up what it achieved.
+    assert run.data.tags["mlflow.source.name"] == "sft/tiny" and run.data.tags["mlflow.source.type"] == "JOB"
+    assert run.data.tags["prefect.flow_run_url"] == f"{project.settings.ui_url}/flow-runs/flow-run/{flow_run_id}"
+    mlflow_page = f"{project.settings.mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    with project.prefect() as prefect:
+        artifacts = {artifact.key: artifact for artifact in prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mlflow-run", "sft-summary"])))}
+    assert str(artifacts["mlflow-run"].flow_run_id) == flow_run_id and mlflow_page in str(artifacts["mlflow-run"].data)
+    summary = str(artifacts["sft-summary"].data)
+    assert f"[{run.info.run_id}]({mlflow_page})" in summary
+    assert "version 1: promoted to **champion**" in summary and "| rouge_l |" in summary
 
 
 def test_serve_tiny_smoke_serves_the_registered_version(project: Project) -> None:
