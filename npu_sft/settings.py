@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal
@@ -173,6 +174,22 @@ def split_names(value: Any) -> list[str]:
     return [name.strip() for name in str(value).split(",") if name.strip()]
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `1e-5` as the number it is (YAML 1.2, and LLaMA-Factory's OmegaConf): PyYAML
+    alone reads it as the string "1e-5", which transformers then keeps as a string learning rate."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path, what: str) -> tuple[Any, yaml.Node | None]:
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found")
@@ -182,7 +199,7 @@ def _read_yaml(path: Path, what: str) -> tuple[Any, yaml.Node | None]:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {err.object[err.start]:#04x}); save it as UTF-8") from None
     try:
-        return yaml.safe_load(text), yaml.compose(text)
+        return load_yaml(text), yaml.compose(text)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -232,7 +249,7 @@ def _apply_set(data: dict[str, Any], assignment: str) -> None:
     key, sep, raw = assignment.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set devices.train=4")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = load_yaml(raw) if raw.strip() else ""
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:

@@ -51,8 +51,8 @@ def _refuse(error: str) -> int:
 
 
 def _type_problem(config: dict, argument_classes: list) -> "str | None":
-    """The first config value of a bool, int, float or one-of field that is not one (strings that read as a number
-    are kept: YAML reads `5e-5` as a string, and transformers converts it)."""
+    """The first config value of a bool, int, float or one-of field that is not one. A quoted "5e-5" or "false" is
+    refused too: transformers' dict parser keeps it as text (a string learning rate, a "false" that is true)."""
     hints: dict = {}
     for arguments in argument_classes:
         try:
@@ -68,6 +68,8 @@ def _type_problem(config: dict, argument_classes: list) -> "str | None":
                 return f"{key}: {value!r} is not one of {', '.join(map(str, expected))}"
         elif not _fits(value, expected):
             wanted = {bool: "true or false", int: "a whole number", float: "a number"}[expected]
+            if isinstance(value, str) and _fits(_unquoted(value), expected):
+                return f"{key}: {value!r} is quoted, so LLaMA-Factory would get text; write it without quotes"
             return f"{key}: {value!r} is not {wanted}"
     return None
 
@@ -84,18 +86,25 @@ def _checked_type(hint: object) -> "type | tuple | None":
 
 def _fits(value: object, expected: type) -> bool:
     if expected is bool:
-        return isinstance(value, bool) or str(value).lower() in ("true", "false")
+        return isinstance(value, bool)
     if isinstance(value, bool):
         return False
     if expected is int:
-        return isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("+-").isdigit())
-    if isinstance(value, (int, float)):
-        return True
-    try:
-        float(str(value))
-    except ValueError:
-        return False
-    return True
+        return isinstance(value, int)
+    return isinstance(value, (int, float))
+
+
+def _unquoted(text: str) -> object:
+    """What the text would be as a YAML 1.2 scalar: a bool, an int, a float, or the text itself."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
 
 
 def _template_problem(config: dict) -> "str | None":

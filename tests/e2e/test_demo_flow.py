@@ -35,8 +35,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, repo: Path, engine_python
     return {"project": project, "stdout": completed.stdout, "client": MlflowClient(uri, registry_uri=uri), "uri": uri}
 
 
-def run_cli(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
+def run_cli(project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect"), **(env or {})}
     env.pop("PREFECT_API_URL", None)
     return subprocess.run(
         [sys.executable, "-m", "npu_sft.cli", *args], cwd=project, env=env, capture_output=True, text=True, timeout=900
@@ -323,3 +323,24 @@ def _command_lines() -> list[bytes]:
         except OSError:  # the process ended during the scan
             continue
     return lines
+
+
+def test_compare_ranks_a_second_run_with_another_learning_rate(demo_run: dict, repo: Path, engine_python: Path) -> None:
+    """Last in this module: it adds a run to the demo's experiment. A learning rate too small to learn anything
+    leaves the adapter near the base model, so the demo's own run ranks first."""
+    project = demo_run["project"]
+    second = run_cli(project, "run", str(repo / "configs" / "tiny_cpu.yaml"), "--set", f"engine.python={engine_python}",
+                     "--set", f"devices.state_dir={project / 'leases'}", "--set", "serve.enabled=false",
+                     "--set", "llamafactory.overrides.learning_rate=1.0e-9")
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    env_overrides = {"MLFLOW_TRACKING_URI": demo_run["uri"], "COLUMNS": "80"}
+    table = run_cli(project, "compare", "sft-tiny", env=env_overrides)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), table.stdout
+    assert "best first by eval/rouge_l" in lines[0]
+    (learning_rate,) = [line.split() for line in lines if line.startswith("learning_rate")]
+    assert learning_rate == ["learning_rate", "0.005", "1e-09"]  # the better run first
+    records = json.loads(run_cli(project, "compare", "sft-tiny", "--format", "json", env=env_overrides).stdout)
+    assert [record["params"]["learning_rate"] for record in records] == ["0.005", "1e-09"]
+    assert records[0]["metrics"]["eval/rouge_l"] > records[1]["metrics"]["eval/rouge_l"]

@@ -79,6 +79,10 @@ MISSING_DATA_FILE = Broken(
 ENGINE_CASES = {
     "learning rate a word": Broken("{lf}:35: learning_rate: 'fast' is not a number",
                                    lf=(("learning_rate: 0.005", "learning_rate: fast"),)),
+    "learning rate quoted": Broken("{lf}:35: learning_rate: '5e-5' is quoted, so LLaMA-Factory would get text; write",
+                                   lf=(("learning_rate: 0.005", "learning_rate: '5e-5'"),)),
+    "flag quoted": Broken("{pipeline}: llamafactory.overrides.bf16: 'false' is quoted, so LLaMA-Factory would get",
+                          overrides=("llamafactory.overrides.bf16='false'",)),
     "fine-tuning type unknown": Broken("{lf}:10: finetuning_type: 'qlora' is not one of lora, oft, freeze, full",
                                        lf=(("finetuning_type: lora", "finetuning_type: qlora"),)),
     "chat template misspelt": Broken("{lf}:20: template: 'qwne' is not a chat template of this LLaMA-Factory; did you",

@@ -253,8 +253,8 @@ def test_counts_per_source(tmp_path: Path) -> None:
     assert table[-1]["rows"] == 402 and table[-1]["rejected"] == 1
 
 
-def _rendered(prepared: Any) -> list[str]:
-    console = Console(width=200, record=True, color_system=None)
+def _rendered(prepared: Any, width: int = 200) -> list[str]:
+    console = Console(width=width, record=True, color_system=None)
     for renderable in render_prepare_report(prepared):
         console.print(renderable)
     return console.export_text().splitlines()
@@ -274,6 +274,14 @@ def test_report_shows_location_counts_rejects_and_warnings(tmp_path: Path, token
     assert "missing_field" in text and str(prepared.rejects_path) in text
     assert "Token lengths (estimated, incl. template): min" in text
     assert "warning: 1 of 54 rows rejected" in text
+    # At 80 columns every header and dataset name is whole (wrapped, not cut to three letters).
+    narrow = _rendered(prepared, width=80)
+    assert all(len(line) <= 80 for line in narrow)
+    tables = "\n".join(narrow)
+    for header in ("dataset", "source", "format", "rows", "valid", "rejected", "duplicates", "train", "eval",
+                   "identity", "cutoff_len"):
+        assert header in tables, header
+    assert "…" not in tables
 
 
 def test_log_dataset_stats_to_mlflow(tmp_path: Path, tokenizer_file: Path) -> None:

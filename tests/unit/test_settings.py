@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from npu_sft.llamafactory_config import write_config
 from npu_sft.settings import ConfigError, load_pipeline
 
 TINY = """\
@@ -41,6 +42,16 @@ def test_loads_and_merges_llamafactory_config(tiny_config: Path) -> None:
     assert pipeline.llamafactory["template"] == "qwen"
     assert pipeline.settings.devices.train == 2
     assert pipeline.dataset_names == ["identity", "tiny_alpaca"]
+
+
+def test_exponent_numbers_are_numbers_in_the_config_and_in_overrides(tiny_config: Path, tmp_path: Path) -> None:
+    """`learning_rate: 1e-5` as the seed writes it: PyYAML alone reads a string, which transformers would keep."""
+    pipeline = load_pipeline(tiny_config, ["llamafactory.overrides.learning_rate=2e-5", "llamafactory.overrides.warmup_ratio=1E-1"])
+    assert pipeline.llamafactory["learning_rate"] == 2e-5 and isinstance(pipeline.llamafactory["learning_rate"], float)
+    assert pipeline.llamafactory["warmup_ratio"] == pytest.approx(0.1)
+    written = write_config(dict(pipeline.llamafactory), tmp_path / "engine.yaml").read_text()
+    assert "learning_rate: 2.0e-05" in written  # a number LLaMA-Factory's OmegaConf reads back as one
+    assert load_pipeline(tiny_config, ["llamafactory.overrides.run_name='1e-5'"]).llamafactory["run_name"] == "1e-5"
 
 
 def test_missing_file_names_the_file(tmp_path: Path) -> None:
