@@ -65,12 +65,15 @@ def write_config(config: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def without_secrets(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as it may be recorded or shown: hub tokens and other credentials left out."""
+    return {key: value for key, value in config.items() if not SECRET_KEY.search(key)}
+
+
 def loggable_params(config: dict[str, Any], max_len: int = 500) -> dict[str, str]:
     """LLaMA-Factory keys as MLflow params: hub tokens and other secrets left out, long values shortened."""
     params: dict[str, str] = {}
-    for key, value in config.items():
-        if SECRET_KEY.search(key):
-            continue
+    for key, value in without_secrets(config).items():
         text = value if isinstance(value, str) else json.dumps(value)
         params[key] = text if len(text) <= max_len else text[: max_len - 3] + "..."
     return params

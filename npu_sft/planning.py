@@ -27,7 +27,7 @@ from npu_sft.engine import (
 )
 from npu_sft.gate import describe_gate
 from npu_sft.merged_export import merged_model_name
-from npu_sft.llamafactory_config import check_with_engine, env_script_missing, resolve_train_config
+from npu_sft.llamafactory_config import check_with_engine, env_script_missing, resolve_train_config, without_secrets
 from npu_sft.settings import ConfigError, Pipeline, TinyModelSource, missing_data_file
 from npu_sft.tiny_model import ensure_tiny_model, tokenizer_file
 
@@ -106,7 +106,7 @@ def render_plan(pipeline: Pipeline) -> list[RenderableType]:
     return [
         summary,
         Text("Resolved LLaMA-Factory config:", style="bold"),
-        Syntax(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), "yaml"),
+        Syntax(yaml.safe_dump(without_secrets(config), sort_keys=False, allow_unicode=True), "yaml"),
         Text("Engine command:", style="bold"),
         Text(line),
         Text(f"Serve command (the serve flow, {settings.publish.registered_model} version <N>, e.g. champion):",

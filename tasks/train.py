@@ -14,7 +14,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from npu_sft.datasets import PreparedData
 from npu_sft.devices import lease_devices, processes_on_devices
 from npu_sft.engine import DistributedLaunch
-from npu_sft.llamafactory_config import resolve_train_config, write_config
+from npu_sft.llamafactory_config import resolve_train_config, without_secrets, write_config
 from npu_sft.reevaluation import RESULTS, RESULTS_ARTIFACT_DIR, RUN_CONFIG, RUN_CONFIG_ARTIFACT_DIR
 from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline
@@ -80,7 +80,8 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
         output_dir=run.output_dir,
     )
     config_file = write_config(config, run.run_dir / RUN_CONFIG)
-    run.tracker.log_artifact(config_file, RUN_CONFIG_ARTIFACT_DIR)
+    # The engine reads the file with its tokens; the run records it without them.
+    run.tracker.log_dict(without_secrets(config), f"{RUN_CONFIG_ARTIFACT_DIR}/{RUN_CONFIG}")
     # Typed as "UUID or coroutine" because of Prefect's sync/async dispatch; called from sync code it is a UUID.
     progress_id = cast(UUID, create_progress_artifact(0.0, key=None, description="training progress (percent of steps)"))
     log_file = run.logs_dir / "train.log"

@@ -25,14 +25,23 @@ from npu_sft.settings import ServeSettings
 pytestmark = pytest.mark.e2e
 
 
+# A hub token in the LLaMA-Factory config (the engine gets it, for a local model it is unused) and one in the
+# environment: neither may reach a param, tag, artifact, log file or the console.
+CONFIG_SECRET = "hf_" + secrets.token_hex(12)
+ENV_SECRET = "ms-" + secrets.token_hex(12)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory, repo: Path, engine_python: Path) -> dict:
     project = tmp_path_factory.mktemp("demo-project")
     completed = run_cli(project, "demo", "--set", f"engine.python={engine_python}",
-                        "--set", f"devices.state_dir={project / 'leases'}")
+                        "--set", f"devices.state_dir={project / 'leases'}",
+                        "--set", f"llamafactory.overrides.hf_hub_token={CONFIG_SECRET}",
+                        env={"MODELSCOPE_API_TOKEN": ENV_SECRET})
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     uri = f"sqlite:///{project}/mlruns/mlflow.db"
-    return {"project": project, "stdout": completed.stdout, "client": MlflowClient(uri, registry_uri=uri), "uri": uri}
+    return {"project": project, "stdout": completed.stdout + completed.stderr,
+            "client": MlflowClient(uri, registry_uri=uri), "uri": uri}
 
 
 def run_cli(project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -137,6 +146,21 @@ def test_mlflow_run_reads_as_a_training_run(demo_run: dict, repo: Path) -> None:
     assert set(inputs) == {"train", "eval"}
     assert inputs["train"].name == "identity,tiny_alpaca"
     assert json.loads(inputs["eval"].profile)["num_rows"] == run.data.metrics["data.eval_rows"]
+
+
+def test_no_secret_reaches_mlflow_the_logs_or_the_console(demo_run: dict, tmp_path: Path) -> None:
+    client: MlflowClient = demo_run["client"]
+    run = client.search_runs([client.get_experiment_by_name("sft-tiny").experiment_id])[0]
+    recorded = json.dumps([run.data.params, run.data.tags])
+    artifacts = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path)))
+    files = [path for path in artifacts.rglob("*") if path.is_file()]
+    files += [path for path in (demo_run["project"] / ".npu-sft" / "runs").rglob("*.log")]
+    assert any(path.name == "train.log" for path in files)  # the engine's own log was looked at
+    for secret in (CONFIG_SECRET, ENV_SECRET):
+        assert secret not in recorded and secret not in demo_run["stdout"]
+        assert not [path for path in files if secret.encode() in path.read_bytes()]
+    recorded_config = yaml.safe_load((artifacts / "config" / "llamafactory.yaml").read_text())
+    assert "hf_hub_token" not in recorded_config and recorded_config["lora_target"] == "all"
 
 
 def test_mlflow_run_holds_the_dataset_statistics(demo_run: dict) -> None:
