@@ -7,16 +7,13 @@ the MLflow run (its page in MLflow's UI, when there is one).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # `make up` reads MLFLOW_UI_URL_VAR from here without loading MLflow
+if TYPE_CHECKING:
     from npu_sft.publishing import Published
 
-# Where MLflow's UI runs when the tracking store is a file: `make up` sets it for the worker it starts.
-MLFLOW_UI_URL_VAR = "NPU_SFT_MLFLOW_UI_URL"
 SUMMARY_ARTIFACT_KEY = "sft-summary"
 MLFLOW_LINK_ARTIFACT_KEY = "mlflow-run"
 
@@ -30,12 +27,11 @@ _FIGURES = (
 )
 
 
-def mlflow_ui_url(tracking_uri: str, environ: Mapping[str, str] = os.environ) -> str | None:
-    """The MLflow UI's base URL: the tracking server itself, or the UI `make up` started over the file store."""
+def mlflow_ui_url(tracking_uri: str) -> str | None:
+    """The MLflow UI's base URL: a tracking server serves its UI too (as `make up`'s does); a file store has none."""
     if tracking_uri.startswith(("http://", "https://")):
         return tracking_uri.rstrip("/")
-    url = environ.get(MLFLOW_UI_URL_VAR, "").strip()
-    return url.rstrip("/") or None
+    return None
 
 
 def mlflow_run_url(ui_url: str, experiment_id: str, run_id: str) -> str:

@@ -36,14 +36,13 @@ import yaml
 
 from npu_sft import host_processes
 from npu_sft.errors import NpuSftError
-from npu_sft.run_summary import MLFLOW_UI_URL_VAR
+from npu_sft.service_env import MLFLOW_SERVER_STORE_VAR, MLFLOW_SERVER_VAR, PROJECT_DIR_VAR
 
 HOST = "127.0.0.1"  # loopback only: nothing here has authentication
 WORK_POOL = "device-hosts"  # must match work_pool.name in deployments/prefect.yaml
 DEPLOYMENTS_FILE = Path("deployments/prefect.yaml")
 AUTOMATIONS_FILE = Path("deployments/automations.yaml")
 MARKER_VAR = "NPU_SFT_SERVICES"
-PROJECT_DIR_VAR = "NPU_SFT_PROJECT_DIR"  # read by the deployments' pull step on the worker
 START_ORDER = ("prefect-server", "mlflow", "worker", "reconciler")
 # The worker goes first so its flow runs end (and report Crashed) while the server can still record it.
 STOP_ORDER = ("worker", "reconciler", "mlflow", "prefect-server")
@@ -273,9 +272,10 @@ def service_specs(settings: ServiceSettings, token: str) -> dict[str, ServiceSpe
     server_env = _base_env(settings, token, "prefect-server")
     if settings.prefect_database_url:
         server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = settings.prefect_database_url
-    # The worker's flow runs link their MLflow runs to this UI (the store itself is a file).
+    # The worker's flow runs write to the project's store through the MLflow server (one writer for the SQLite
+    # file) and link to its UI.
     worker_env = {**_base_env(settings, token, "worker"), PROJECT_DIR_VAR: str(settings.project),
-                  MLFLOW_UI_URL_VAR: settings.mlflow_url}
+                  MLFLOW_SERVER_VAR: settings.mlflow_url, MLFLOW_SERVER_STORE_VAR: settings.backend_store_uri}
     specs = [
         ServiceSpec(
             name="prefect-server",

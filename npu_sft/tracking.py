@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -18,6 +19,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from npu_sft import recording
+from npu_sft.service_env import MLFLOW_SERVER_STORE_VAR, MLFLOW_SERVER_VAR
 from npu_sft.settings import MlflowSettings
 
 MLFLOW_BATCH_LIMIT = 100
@@ -29,15 +31,27 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 
 
-def tracking_uri(settings: MlflowSettings) -> str:
-    """Relative SQLite paths become absolute, so every process (worker, CLI, UI) opens the same store."""
-    prefix = "sqlite:///"
+_SQLITE = "sqlite:///"
+
+
+def tracking_uri(settings: MlflowSettings, environ: Mapping[str, str] = os.environ) -> str:
+    """Relative SQLite paths become absolute, so every process (worker, CLI, UI) opens the same store; the store
+    `make up`'s MLflow server serves is reached through that server."""
     uri = settings.tracking_uri
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        db = Path(uri[len(prefix) :]).resolve()
+    if uri.startswith(_SQLITE) and not uri[len(_SQLITE) :].startswith("/"):
+        db = Path(uri[len(_SQLITE) :]).resolve()
         db.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(db)
+        uri = _SQLITE + str(db)
+    server, served_store = environ.get(MLFLOW_SERVER_VAR), environ.get(MLFLOW_SERVER_STORE_VAR)
+    if server and served_store and _same_store(uri, served_store):
+        return server
     return uri
+
+
+def _same_store(uri: str, other: str) -> bool:
+    if uri.startswith(_SQLITE) and other.startswith(_SQLITE):
+        return Path(uri[len(_SQLITE) :]).resolve() == Path(other[len(_SQLITE) :]).resolve()
+    return uri == other
 
 
 def artifact_location(settings: MlflowSettings) -> str | None:

@@ -68,6 +68,21 @@ def test_every_service_listens_on_loopback_only(tmp_path: Path) -> None:
     assert specs["worker"].env[services.PROJECT_DIR_VAR] == str(tmp_path)
 
 
+def test_the_workers_flows_write_the_project_store_through_the_mlflow_server(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from npu_sft.settings import MlflowSettings
+    from npu_sft.tracking import tracking_uri
+
+    settings = ServiceSettings.from_env(tmp_path, {"NPU_SFT_MLFLOW_PORT": "5123"})
+    worker_env = services.service_specs(settings, "token")["worker"].env
+    monkeypatch.chdir(tmp_path)  # the deployments run in the project directory
+    project_store = MlflowSettings()  # sqlite:///mlruns/mlflow.db, relative to it
+    assert tracking_uri(project_store, worker_env) == "http://127.0.0.1:5123"
+    other_store = MlflowSettings(tracking_uri=f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    assert tracking_uri(other_store, worker_env) == f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    assert tracking_uri(project_store, {}) == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
 def test_a_dead_services_record_is_removed(tmp_path: Path) -> None:
     settings = ServiceSettings.from_env(tmp_path, {})
     settings.services_dir.mkdir(parents=True)

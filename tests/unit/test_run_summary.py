@@ -13,10 +13,9 @@ METRICS = {
 }
 
 
-def test_the_ui_is_the_tracking_server_or_the_one_make_up_started() -> None:
-    assert mlflow_ui_url("http://127.0.0.1:5000/", {}) == "http://127.0.0.1:5000"
-    assert mlflow_ui_url("sqlite:////p/mlflow.db", {"NPU_SFT_MLFLOW_UI_URL": "http://127.0.0.1:5123"}) == "http://127.0.0.1:5123"
-    assert mlflow_ui_url("sqlite:////p/mlflow.db", {}) is None
+def test_the_ui_is_the_tracking_server() -> None:
+    assert mlflow_ui_url("http://127.0.0.1:5000/") == "http://127.0.0.1:5000"
+    assert mlflow_ui_url("sqlite:////p/mlflow.db") is None
     assert mlflow_run_url("http://h:5000", "3", "abc") == "http://h:5000/#/experiments/3/runs/abc"
 
 
