@@ -70,9 +70,25 @@ def run_flow(args: argparse.Namespace) -> int:
     if result.served_reply is not None:
         summary.add_row("served reply", repr(result.served_reply))
     console.print(summary)
-    console.print(f"MLflow UI:  mlflow ui --backend-store-uri {tracking_uri(pipeline.settings.mlflow)}")
-    console.print("Prefect UI: make up, then open http://127.0.0.1:4200")
+    _print_where_to_look(pipeline, result.mlflow_run_id, console)
     return 0
+
+
+def _print_where_to_look(pipeline: Pipeline, run_id: str, console: Console) -> None:
+    """The run's page in MLflow's UI (its model-training view), and how to start that UI over a file store."""
+    from npu_sft.run_summary import mlflow_run_url, mlflow_ui_url
+    from npu_sft.tracking import client_for
+
+    uri = tracking_uri(pipeline.settings.mlflow)
+    experiment_id = client_for(pipeline.settings.mlflow).get_run(run_id).info.experiment_id
+    ui_url = mlflow_ui_url(uri)
+    page = mlflow_run_url(ui_url or "http://127.0.0.1:5000", experiment_id, run_id)
+    if ui_url is None:
+        console.print(f"MLflow UI:  mlflow ui --backend-store-uri {uri} --port 5000", soft_wrap=True)
+        console.print(f"            then open {page}", soft_wrap=True)  # a link stays one line, clickable
+    else:
+        console.print(f"MLflow run: {page}", soft_wrap=True)
+    console.print("Prefect UI: make up, then open http://127.0.0.1:4200")
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -34,8 +34,17 @@ def mlflow_ui_url(tracking_uri: str) -> str | None:
     return None
 
 
+# MLflow 3's UI opens in its GenAI mode unless the page asks for the model-training one (or the user toggled it).
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def mlflow_run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
-    return f"{ui_url}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{ui_url}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
+
+
+def mlflow_experiment_url(ui_url: str, experiment_id: str) -> str:
+    """The experiment's runs table and charts."""
+    return f"{ui_url}/#/experiments/{experiment_id}?{TRAINING_VIEW}"
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,13 @@ import json
 import math
 import os
 import secrets
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,6 +23,7 @@ from mlflow import MlflowClient
 
 from npu_sft.devices import DeviceSettings, current_leases, lease_history
 from npu_sft.engine import EngineSettings, ServedModel
+from npu_sft.run_summary import mlflow_experiment_url, mlflow_run_url
 from npu_sft.serving import api_server
 from npu_sft.settings import ServeSettings
 
@@ -148,6 +153,65 @@ def test_mlflow_run_reads_as_a_training_run(demo_run: dict, repo: Path) -> None:
     assert json.loads(inputs["eval"].profile)["num_rows"] == run.data.metrics["data.eval_rows"]
 
 
+@pytest.fixture(scope="module")
+def mlflow_ui(demo_run: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """MLflow's own UI server over the demo's store, as a user starts it (`mlflow ui --backend-store-uri ...`)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path_factory.mktemp("mlflow-ui") / "ui.log"
+    mlflow_cli = Path(sys.executable).parent / "mlflow"
+    with log.open("w") as out:
+        server = subprocess.Popen([str(mlflow_cli), "ui", "--backend-store-uri", demo_run["uri"], "--host", "127.0.0.1",
+                                   "--port", str(port), "--workers", "1"], stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _answers(f"{url}/health"):
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_the_mlflow_ui_opens_the_experiment_on_its_runs_table(demo_run: dict, mlflow_ui: str) -> None:
+    """In a real headless browser where the host has Chromium: the page the CLI and Prefect link to shows MLflow's
+    runs table (not its GenAI overview) with the run's dataset and source. Without a browser, the REST API must
+    hold the facts the page is drawn from."""
+    client: MlflowClient = demo_run["client"]
+    experiment = client.get_experiment_by_name("sft-tiny")
+    run = client.search_runs([experiment.experiment_id])[0]
+    page = mlflow_experiment_url(mlflow_ui, experiment.experiment_id)
+    assert f"then open {mlflow_run_url('http://127.0.0.1:5000', experiment.experiment_id, run.info.run_id)}\n" in (
+        demo_run["stdout"])  # one line, whatever the terminal's width: a link that can be clicked
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        found = httpx.post(f"{mlflow_ui}/api/2.0/mlflow/runs/search", json={"experiment_ids": [experiment.experiment_id]},
+                           timeout=30).json()["runs"][0]
+        assert {"key": "mlflow.source.name", "value": "flows/sft.py"} in found["data"]["tags"]
+        assert found["inputs"]["dataset_inputs"][0]["dataset"]["name"] == "identity,tiny_alpaca"
+        return
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000",
+         "--virtual-time-budget=20000", "--dump-dom", page],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    assert ">Runs<" in dom and "Detect Issues" not in dom  # the model-training view, not the GenAI overview
+    assert run.info.run_name in dom
+    assert "identity,tiny_alpaca (" in dom  # the Dataset column: name (digest)
+    assert ">sft.py<" in dom  # the Source column
+
+
 def test_no_secret_reaches_mlflow_the_logs_or_the_console(demo_run: dict, tmp_path: Path) -> None:
     client: MlflowClient = demo_run["client"]
     run = client.search_runs([client.get_experiment_by_name("sft-tiny").experiment_id])[0]
@@ -197,6 +261,7 @@ def test_failed_training_releases_its_devices_and_fails_the_mlflow_run(tmp_path:
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("sft-broken").experiment_id])
     assert [run.info.status for run in runs] == ["FAILED"]
+    assert "training failed" in runs[0].data.tags["npu_sft.end_reason"]  # why, in the runs table's tag column
 
 
 def test_evaluation_scores_the_adapter_against_the_base_model(demo_run: dict) -> None:

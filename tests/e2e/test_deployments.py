@@ -241,7 +241,8 @@ def test_sft_tiny_deployment_runs_from_the_cli(project: Project) -> None:
     # the MLflow run and sums up what it achieved.
     assert run.data.tags["mlflow.source.name"] == "sft/tiny" and run.data.tags["mlflow.source.type"] == "JOB"
     assert run.data.tags["prefect.flow_run_url"] == f"{project.settings.ui_url}/flow-runs/flow-run/{flow_run_id}"
-    mlflow_page = f"{project.settings.mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    mlflow_page = (f"{project.settings.mlflow_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+                   "?workflowType=machine_learning")  # MLflow's model-training view, not its GenAI one
     with project.prefect() as prefect:
         artifacts = {artifact.key: artifact for artifact in prefect.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mlflow-run", "sft-summary"])))}

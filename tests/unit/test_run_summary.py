@@ -16,7 +16,7 @@ METRICS = {
 def test_the_ui_is_the_tracking_server() -> None:
     assert mlflow_ui_url("http://127.0.0.1:5000/") == "http://127.0.0.1:5000"
     assert mlflow_ui_url("sqlite:////p/mlflow.db") is None
-    assert mlflow_run_url("http://h:5000", "3", "abc") == "http://h:5000/#/experiments/3/runs/abc"
+    assert mlflow_run_url("http://h:5000", "3", "abc") == "http://h:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
 
 
 def test_the_summary_shows_scores_against_the_base_model_and_the_champion() -> None:
