@@ -60,9 +60,10 @@ def load_runs(client: MlflowClient, experiment: str) -> list[ComparedRun]:
 
 
 def differing_params(runs: Sequence[ComparedRun]) -> list[str]:
-    """Params whose value is not the same in every run (missing counts as a value), in a stable order."""
+    """Params that take more than one value among the runs that have them, in a stable order. A param missing from
+    some runs (they predate it) does not make it differ by itself."""
     keys = sorted({key for run in runs for key in run.params} - _PLACES)
-    return [key for key in keys if len({run.params.get(key) for run in runs}) > 1]
+    return [key for key in keys if len({run.params[key] for run in runs if key in run.params}) > 1]
 
 
 def pick_metric(runs: Sequence[ComparedRun], metric: str | None) -> str:

@@ -78,6 +78,6 @@ def test_ranking_rules() -> None:
             ComparedRun("b", "b", "FINISHED", {"x": "2", "y": "1"}, {"eval_loss": 1.0}),
             ComparedRun("c", "c", "FAILED", {"x": "1"}, {})]
     assert [run.run_id for run in rank(runs, "eval_loss")] == ["b", "a", "c"]
-    assert differing_params(runs) == ["x", "y"]  # missing in some runs counts as different
+    assert differing_params(runs) == ["x"]  # y is in one run only: older runs did not record it
     assert lower_is_better("eval_loss") and lower_is_better("perplexity") and not lower_is_better("eval/rouge_l")
     assert not lower_is_better("gain/eval_loss_drop")
