@@ -126,14 +126,28 @@ def run_streaming(
 
 def _stop_orphans_of(proc: subprocess.Popen, output_closed: threading.Event, grace_s: float) -> None:
     """When the command's leader exits (torchrun killed, say) but its children still hold the output pipe open,
-    kill what is left of its process group after `grace_s`, so the run ends now instead of when they finish."""
-    proc.wait()
+    kill what is left of them after `grace_s`, so the run ends now instead of when they finish.
+
+    torchrun starts each rank in a session of its own, outside the command's process group, and an orphan is
+    re-parented away from the leader: the leader's descendants are noted while it lives (with their start times,
+    so a reused pid is never hit)."""
+    known: list[tuple[int, int | None]] = []
+    while True:
+        try:
+            proc.wait(timeout=_ORPHAN_LOOK_S)
+            break
+        except subprocess.TimeoutExpired:
+            known = [(pid, host_processes.start_ticks(pid)) for pid in host_processes.descendants(proc.pid)]
     if output_closed.wait(grace_s):
         return
+    host_processes.send_signal([pid for pid, ticks in known if host_processes.is_alive(pid, ticks)], signal.SIGKILL)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass  # the group emptied in the meantime
+
+
+_ORPHAN_LOOK_S = 1.0  # how often the leader's descendants are noted
 
 
 def _kill_when_stopped(proc: subprocess.Popen, stop: threading.Event) -> None:

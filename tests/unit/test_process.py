@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+from npu_sft import host_processes
 from npu_sft.process import is_progress_noise, run_streaming, start_background
 
 
@@ -67,3 +68,25 @@ def test_orphans_holding_the_pipe_are_stopped_when_the_leader_dies(tmp_path: Pat
     completed = run_streaming([sys.executable, "-c", script], orphan_grace_s=1.0)
     assert completed.returncode == -9
     assert time.monotonic() - started < 30
+
+
+def test_orphans_in_sessions_of_their_own_are_stopped_when_the_leader_dies(tmp_path: Path) -> None:
+    # As torchrun starts its ranks: each in a new session, out of reach of the leader's process group.
+    pid_file = tmp_path / "rank.pid"
+    script = (
+        "import os, signal, subprocess, sys, time\n"
+        f"rank = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(rank.pid))\n"
+        "print('started', flush=True)\n"
+        "time.sleep(2.5)  # long enough for the supervisor to note the rank\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    started = time.monotonic()
+    completed = run_streaming([sys.executable, "-c", script], orphan_grace_s=1.0)
+    assert completed.returncode == -9
+    assert time.monotonic() - started < 30
+    rank = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while host_processes.is_alive(rank) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not host_processes.is_alive(rank), "the rank in its own session outlived its leader"
