@@ -10,18 +10,24 @@ every rank waiting. The watchdog follows the attempt's progress by phase, each w
     evaluating   from "***** Running Evaluation *****"                          stall.phase_s
     saving       from "Saving model checkpoint to"                              stall.phase_s
 
-and on a stall says which rank stopped (stopped by a signal, or no CPU time spent), so the retry loop can stop the
-attempt's process group and resume from the newest complete checkpoint.
+and on a stall says which rank stopped (stopped by a signal, or no CPU time spent) and where each rank's Python is
+(`py-spy dump`), so the retry loop can stop the attempt's process group and resume from the newest complete
+checkpoint.
 """
 
 from __future__ import annotations
 
+import shutil
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from npu_sft import process
 
 # What transformers' Trainer prints (at INFO, which LLaMA-Factory turns on) when a long phase starts.
 EVALUATION_MARK = "***** Running Evaluation *****"
@@ -142,3 +148,44 @@ def stalled_ranks(before: list[RankState], after: list[RankState]) -> str:
         return "no rank process found on this host"
     parts = stopped + ([f"{', '.join(idle)} spent no CPU time"] if idle else [])
     return "; ".join(parts) if parts else "every rank is still using CPU time (a slow phase, or a hang in the device)"
+
+
+PY_SPY_TIMEOUT_S = 30.0  # per rank; a dump takes well under a second
+
+
+def py_spy() -> str | None:
+    """py-spy from the orchestrator's environment (a dependency), else from PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.is_file() else shutil.which("py-spy")
+
+
+def dump_rank_stacks(ranks: list[RankState], out_file: Path, py_spy_path: str | None = None) -> str:
+    """Every rank's Python stacks into `out_file` (`py-spy dump --nonblocking`, which reads a stopped rank too: the
+    blocking mode would try to pause it); returns one line saying where they are, or why they are not."""
+    tool = py_spy_path or py_spy()
+    if tool is None:
+        return "no Python stacks: py-spy is not installed (pip install py-spy)"
+    if not ranks:
+        return "no Python stacks: no rank process found on this host"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for rank in ranks:
+        with out_file.open("a", encoding="utf-8") as out:
+            out.write(f"=== rank {rank.rank} (pid {rank.pid}, state {rank.state}) ===\n")
+        timed_out = threading.Event()
+        timer = threading.Timer(PY_SPY_TIMEOUT_S, timed_out.set)
+        timer.start()
+        try:
+            completed = process.run_streaming([tool, "dump", "--nonblocking", "--pid", str(rank.pid)],
+                                              log_file=out_file, stop=timed_out)
+        finally:
+            timer.cancel()
+        if not completed.ok:
+            reason = next((line for line in completed.tail if line.startswith("Error")), f"exit {completed.returncode}")
+            failures.append(f"rank {rank.rank}: {reason}" + (_PTRACE_HINT if "ermission" in reason else ""))
+    read = len(ranks) - len(failures)
+    summary = f"Python stacks of {read} of {len(ranks)} ranks in {out_file}"
+    return summary + (f" ({'; '.join(failures)})" if failures else "")
+
+
+_PTRACE_HINT = " - reading another process needs ptrace: in a container add --cap-add SYS_PTRACE"

@@ -51,7 +51,7 @@ from npu_sft.recovery import (
     wait_for_idle_devices,
 )
 from npu_sft.settings import TrainingSettings
-from npu_sft.stall import ProgressWatchdog, StallSettings, rank_states, stalled_ranks
+from npu_sft.stall import ProgressWatchdog, StallSettings, dump_rank_stacks, rank_states, stalled_ranks
 
 TRAINER_LOG = "trainer_log.jsonl"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -66,6 +66,7 @@ DEVICE_MEMORY_METRIC_NAMES = {
 # Every key `step_metrics` can produce: what a re-run of the train task asks the run for, to log no step twice.
 STEP_METRIC_KEYS = (*STEP_METRIC_NAMES.values(), *DEVICE_MEMORY_METRIC_NAMES.values())
 STALL_SAMPLE_S = 1.0  # between the two looks at the ranks of a stalled attempt
+STALL_STACKS_PREFIX = "stall-stacks-attempt-"  # <logs>/stall-stacks-attempt-<n>.txt: every rank's Python stacks
 
 
 class CommandRunner(Protocol):
@@ -382,6 +383,7 @@ def _run_attempt(
     watchdog: ProgressWatchdog,
     config_file: Path,
     log_file: Path,
+    stacks_file: Path,
     on_line: Callable[[str], None],
     on_metrics: Callable[[list[Metric]], None],
     on_progress: Callable[[float], None] | None,
@@ -412,7 +414,9 @@ def _run_attempt(
         if stall is not None:
             before = rank_states(config_file)
             time.sleep(STALL_SAMPLE_S)  # CPU time spent between two looks tells a stuck rank from a busy one
-            stalled.append(f"{stall}; {stalled_ranks(before, rank_states(config_file))}")
+            after = rank_states(config_file)
+            # Before the ranks are killed: where each one is waiting is the first thing to look at.
+            stalled.append(f"{stall}; {stalled_ranks(before, after)}; {dump_rank_stacks(after, stacks_file)}")
             stop.set()
 
     def hear(line: str) -> None:
@@ -534,6 +538,7 @@ def run_training(
             watchdog=ProgressWatchdog(policy.stall, clock, settle_s=2 * poll_interval_s),
             config_file=attempt_config,
             log_file=log_file,
+            stacks_file=log_file.with_name(f"{STALL_STACKS_PREFIX}{number}.txt"),
             on_line=on_line,
             on_metrics=on_metrics,
             on_progress=on_progress,

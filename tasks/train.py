@@ -15,11 +15,13 @@ from npu_sft.datasets import PreparedData
 from npu_sft.devices import lease_devices, processes_on_devices
 from npu_sft.engine import DistributedLaunch
 from npu_sft.llamafactory_config import resolve_train_config, without_secrets, write_config
+from npu_sft.recovery import FailureKind
 from npu_sft.reevaluation import RESULTS, RESULTS_ARTIFACT_DIR, RUN_CONFIG, RUN_CONFIG_ARTIFACT_DIR
 from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline
 from npu_sft.tracking import StepMetricSink
 from npu_sft.training import (
+    STALL_STACKS_PREFIX,
     STEP_METRIC_KEYS,
     RetryPolicy,
     TrainingFailed,
@@ -63,6 +65,12 @@ class ProgressReporter:
         except httpx.HTTPError as err:
             self._broken = True
             self._warn(f"training progress artifact not updated any more: {err}")
+
+
+def _log_stall_stacks(run: RunContext) -> None:
+    """The Python stacks of the ranks of each stalled attempt, under `stall/` in the run."""
+    for stacks in sorted(run.logs_dir.glob(f"{STALL_STACKS_PREFIX}*.txt")):
+        run.tracker.log_artifact(stacks, "stall")
 
 
 @task
@@ -120,11 +128,13 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
             )
             run.tracker.log_metrics([("train/attempts", len(failed.attempts), 0)])
             run.tracker.log_artifact(log_file, "logs")
+            _log_stall_stacks(run)
             raise
         finally:
             metrics.flush()
     progress(100.0)
     run.tracker.log_artifact(result.log_file, "logs")
+    _log_stall_stacks(run)
     # With the engine config and the eval split (datasets/), what a later evaluation needs from the record alone.
     run.tracker.log_artifact(run.output_dir / RESULTS, RESULTS_ARTIFACT_DIR)
     for plot in sorted(run.output_dir.glob("training_*.png")):
@@ -141,6 +151,9 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
     outcome = {}
     if result.finished_from_checkpoint is not None:
         outcome["train/finished_from_checkpoint"] = result.finished_from_checkpoint.name
+    stalls = [a.failure.evidence for a in result.attempts if a.failure and a.failure.kind is FailureKind.STALLED]
+    if stalls:  # recovered from, and worth knowing: the stacks are under stall/
+        outcome.update({"train/stalled_attempts": str(len(stalls)), "train/stall_evidence": stalls[-1][:500]})
     if exit_crashes := [attempt.exit_crash.evidence for attempt in result.attempts if attempt.exit_crash]:
         outcome["train/exit_crash_after_finishing"] = exit_crashes[-1][:500]
     run.tracker.set_tags({**sources, **outcome})

@@ -108,3 +108,40 @@ def test_the_stalled_rank_is_named() -> None:
     busy = [RankState(11, "0", "R", 600)]
     assert stalled_ranks([RankState(11, "0", "R", 520)], busy).startswith("every rank is still using CPU time")
     assert stalled_ranks([], []) == "no rank process found on this host"
+
+
+def test_the_stacks_of_a_stopped_rank_are_read(tmp_path: Path) -> None:
+    """py-spy, for real, on a SIGSTOPped Python process: the blocking mode would try to pause it and fail."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from npu_sft.stall import RankState, dump_rank_stacks
+
+    rank = subprocess.Popen([sys.executable, "-c", "import time\ndef waiting_in_a_collective():\n    time.sleep(60)\n"
+                             "waiting_in_a_collective()"])
+    try:
+        time.sleep(1.0)  # the interpreter is up
+        rank.send_signal(signal.SIGSTOP)
+        out = tmp_path / "stacks.txt"
+        summary = dump_rank_stacks([RankState(rank.pid, "1", "T", 0)], out)
+        assert summary == f"Python stacks of 1 of 1 ranks in {out}"
+        text = out.read_text()
+        assert text.startswith(f"=== rank 1 (pid {rank.pid}, state T) ===")
+        assert "waiting_in_a_collective" in text
+    finally:
+        rank.kill()
+        rank.wait()
+
+
+def test_without_py_spy_or_ranks_the_stacks_say_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from npu_sft import stall
+
+    monkeypatch.setattr(stall, "py_spy", lambda: None)
+    assert stall.dump_rank_stacks([stall.RankState(1, "0", "S", 0)], tmp_path / "s.txt") == (
+        "no Python stacks: py-spy is not installed (pip install py-spy)")
+    monkeypatch.setattr(stall, "py_spy", lambda: "/bin/true")
+    assert "no rank process found" in stall.dump_rank_stacks([], tmp_path / "s.txt")
+    failed = stall.dump_rank_stacks([stall.RankState(1, "0", "S", 0)], tmp_path / "s.txt", py_spy_path="/bin/false")
+    assert failed.startswith("Python stacks of 0 of 1 ranks") and "rank 0: exit 1" in failed
