@@ -403,6 +403,11 @@ def test_a_stopped_rank_is_found_stalled_and_the_training_resumes_from_its_newes
     first, second = result.attempts
     assert first.failure is not None and first.failure.kind is FailureKind.STALLED, first.failure
     assert f"rank {victim['rank']} (pid {victim['pid']}) is stopped" in first.failure.evidence
+    # Where each rank's Python was when the attempt was stopped, read before the kill (py-spy, for real).
+    stacks = tmp_path / "stall-stacks-attempt-1.txt"
+    assert f"Python stacks of 2 of 2 ranks in {stacks}" in first.failure.evidence
+    text = stacks.read_text()
+    assert f"(pid {victim['pid']}, state T)" in text and text.count("Thread ") >= 2 and "llamafactory" in text
     reported_at = next(at for at, event in events if "stalled and was stopped" in event)
     # The learned deadline (10 x the longest step interval, at least 3 s) plus the look at the ranks and a poll.
     assert reported_at - stopped_at[0] < 15, (reported_at - stopped_at[0], first.failure.evidence)
@@ -411,3 +416,35 @@ def test_a_stopped_rank_is_found_stalled_and_the_training_resumes_from_its_newes
     assert state["global_step"] == PLANNED_STEPS
     loss_steps = [step for key, _, step in logged if key == "loss"]
     assert loss_steps == list(range(2, PLANNED_STEPS, 2))  # steps 22..24 ran twice, logged once
+
+
+def test_a_stalled_rank_in_a_flow_run_ends_finished_with_its_stacks_in_mlflow(
+    tmp_path: Path, engine_python: Path, tiny_models: Path
+) -> None:
+    """The whole sft flow with a rank SIGSTOPped after step 22: one MLflow run, FINISHED, every step once, the stall
+    in its tags and every rank's stacks under stall/."""
+    with_cached_model(tmp_path, tiny_models)
+    runs = tmp_path / ".npu-sft" / "runs"
+
+    def after_step_22() -> bool:
+        return any(last_logged_step(log) >= 22 for log in runs.glob("*/output/trainer_log.jsonl"))
+
+    victim = kill_a_rank_once(after_step_22, str(runs), signal.SIGSTOP)
+    completed = run_sft_cli(tmp_path, engine_python, [*SHORT_RUN, "training.stall.step_floor_s=3",
+                                                      "training.stall.step_factor=10"])
+    victim["thread"].join(timeout=10)
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    assert "pid" in victim, victim
+
+    client = mlflow_client(tmp_path)
+    (run,) = client.search_runs([client.get_experiment_by_name("sft-tiny").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["train/attempts"] == 2
+    steps = sorted(metric.step for metric in client.get_metric_history(run.info.run_id, "loss"))
+    assert steps == list(range(2, PLANNED_STEPS, 2))
+    assert run.data.tags["train/stalled_attempts"] == "1"
+    assert f"rank {victim['rank']} (pid {victim['pid']}) is stopped" in run.data.tags["train/stall_evidence"]
+    (stacks,) = [item.path for item in client.list_artifacts(run.info.run_id, "stall")]
+    assert stacks == "stall/stall-stacks-attempt-1.txt"
+    text = Path(client.download_artifacts(run.info.run_id, stacks, str(tmp_path / "dl"))).read_text()
+    assert f"(pid {victim['pid']}, state T)" in text and "Thread " in text
