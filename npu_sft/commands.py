@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -50,10 +52,37 @@ def load_for_engine(args: argparse.Namespace) -> Pipeline:
     return pipeline
 
 
+@contextmanager
+def _prefect_server_starting() -> Iterator[None]:
+    """Without a Prefect server (no PREFECT_API_URL), the flow's first call starts Prefect's temporary one, which
+    takes seconds; starting it here lets it come up while the flow's modules are imported (the same server: Prefect
+    keeps one per process). The block waits for it before the flow starts."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        yield
+        return
+    import httpx
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def start() -> None:
+        try:
+            SubprocessASGIServer().start()
+        except (RuntimeError, httpx.HTTPError):
+            pass  # the flow's first call starts it again, and reports what goes wrong there
+
+    starting = threading.Thread(target=start, name="npu-sft-prefect-server", daemon=True)
+    starting.start()
+    try:
+        yield
+    finally:
+        starting.join()  # a second start() while the first waits would return before the server answers
+
+
 def run_flow(args: argparse.Namespace) -> int:
     pipeline = load_for_engine(args)
-    from flows.sft import sft
-
+    with _prefect_server_starting():
+        from flows.sft import sft
     result = sft(str(pipeline.config_file), args.overrides)
     console = Console()
     summary = Table(title=f"sft: {pipeline.settings.name}", show_header=False)
@@ -96,7 +125,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
     pipeline = load_for_engine(args)
     target = find_evaluation_target(pipeline, args.run, args.version)  # before Prefect starts anything
-    from flows.evaluate import evaluate_again
+    with _prefect_server_starting():
+        from flows.evaluate import evaluate_again
 
     evaluation = evaluate_again(str(pipeline.config_file), target.run_id, args.overrides, target.version)
     summary = Table(title=f"evaluate: {pipeline.settings.name}", show_header=False)
