@@ -60,12 +60,13 @@ def serve_until_cancelled(pipeline: Pipeline, model_path: Path, adapter: Registe
 
     def announce(base_url: str) -> None:
         url = f"{_reachable(base_url, settings.serve.host)}/v1"
+        # Noted first: a stop that comes while the registry or Prefect is being told must still mark it stopped.
+        announced.append(url)
         logger.info("serving %s at %s (OpenAI API; cancel the flow run to stop)", model.name, url)
         registry.mark_serving(settings.mlflow, adapter.name, adapter.version, url=url, model=model.name,
                               flow_run=str(flow_run.get_id()))
         create_link_artifact(url, link_text=f"{model.name} (OpenAI API)", key=ENDPOINT_ARTIFACT_KEY,
                              description=f"`{adapter.uri}` on `{model_path.name}`; clients send the key {key_source}")
-        announced.append(url)
 
     with lease_devices(settings.devices, task="serve", flow_run_id=flow_run.get_id(), on_wait=logger.info) as lease:
         try:

@@ -153,7 +153,7 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
         outcome["train/finished_from_checkpoint"] = result.finished_from_checkpoint.name
     stalls = [a.failure.evidence for a in result.attempts if a.failure and a.failure.kind is FailureKind.STALLED]
     if stalls:  # recovered from, and worth knowing: the stacks are under stall/
-        outcome.update({"train/stalled_attempts": str(len(stalls)), "train/stall_evidence": stalls[-1][:500]})
+        outcome.update({"train/stalled_attempts": str(len(stalls)), "train/stall_evidence": stalls[-1][:2000]})
     if exit_crashes := [attempt.exit_crash.evidence for attempt in result.attempts if attempt.exit_crash]:
         outcome["train/exit_crash_after_finishing"] = exit_crashes[-1][:500]
     run.tracker.set_tags({**sources, **outcome})

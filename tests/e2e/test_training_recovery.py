@@ -405,9 +405,11 @@ def test_a_stopped_rank_is_found_stalled_and_the_training_resumes_from_its_newes
     assert f"rank {victim['rank']} (pid {victim['pid']}) is stopped" in first.failure.evidence
     # Where each rank's Python was when the attempt was stopped, read before the kill (py-spy, for real).
     stacks = tmp_path / "stall-stacks-attempt-1.txt"
-    assert f"Python stacks of 2 of 2 ranks in {stacks}" in first.failure.evidence
     text = stacks.read_text()
-    assert f"(pid {victim['pid']}, state T)" in text and text.count("Thread ") >= 2 and "llamafactory" in text
+    assert f"(pid {victim['pid']}, state T)" in text
+    if "needs ptrace" not in first.failure.evidence:  # else a container without SYS_PTRACE, and the evidence says so
+        assert f"Python stacks of 2 of 2 ranks in {stacks}" in first.failure.evidence
+        assert text.count("Thread ") >= 2 and "llamafactory" in text
     reported_at = next(at for at, event in events if "stalled and was stopped" in event)
     # The learned deadline (10 x the longest step interval, at least 3 s) plus the look at the ranks and a poll.
     assert reported_at - stopped_at[0] < 15, (reported_at - stopped_at[0], first.failure.evidence)
@@ -447,4 +449,5 @@ def test_a_stalled_rank_in_a_flow_run_ends_finished_with_its_stacks_in_mlflow(
     (stacks,) = [item.path for item in client.list_artifacts(run.info.run_id, "stall")]
     assert stacks == "stall/stall-stacks-attempt-1.txt"
     text = Path(client.download_artifacts(run.info.run_id, stacks, str(tmp_path / "dl"))).read_text()
-    assert f"(pid {victim['pid']}, state T)" in text and "Thread " in text
+    assert f"(pid {victim['pid']}, state T)" in text
+    assert "Thread " in text or "needs ptrace" in run.data.tags["train/stall_evidence"]
