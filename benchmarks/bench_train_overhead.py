@@ -38,8 +38,7 @@ from npu_sft.llamafactory_config import resolve_train_config, write_config
 from npu_sft.settings import MlflowSettings, load_pipeline
 from npu_sft.tiny_model import ensure_tiny_model, tokenizer_file
 from npu_sft.tracking import RunTracker
-from npu_sft.training import RetryPolicy, launch_env, run_training
-from npu_sft.training_figures import run_figures
+from npu_sft.training import RetryPolicy, launch_env, run_figures, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "tiny_cpu.yaml"

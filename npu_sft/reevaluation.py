@@ -14,7 +14,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from npu_sft import registry
 from npu_sft.adapter_model import base_model_for
-from npu_sft.completion import ADAPTER_WEIGHTS
+from npu_sft.training.completion import ADAPTER_WEIGHTS
 from npu_sft.datasets import EVAL_SPLIT_ARTIFACTS
 from npu_sft.settings import ConfigError, MlflowSettings, Pipeline
 from npu_sft.tracking import client_for, tracking_uri

@@ -10,8 +10,8 @@ import copy
 import os
 import re
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -26,8 +26,7 @@ from npu_sft.evaluation.settings import EvalSettings
 from npu_sft.gate import GateSettings
 from npu_sft.push_settings import MergedExportSettings, ModelScopePushSettings
 from npu_sft.serve_settings import ServeSettings
-from npu_sft.stall import StallSettings
-
+from npu_sft.training.settings import TrainingSettings
 
 LLAMAFACTORY_DEFAULT_CUTOFF_LEN = 2048
 
@@ -50,25 +49,6 @@ class TinyModelSource(_Strict):
 class LlamaFactorySettings(_Strict):
     config: str = Field(description="LLaMA-Factory YAML, relative to the pipeline config's directory")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Keys set on top of that YAML")
-
-
-class TrainingSettings(_Strict):
-    nnodes: int = Field(1, ge=1)
-    node_rank: int = Field(0, ge=0)
-    master_addr: str = "127.0.0.1"
-    max_attempts: int = Field(
-        3, ge=1, description="attempts per training, the first included; a retry resumes from the newest complete "
-        "checkpoint. Out-of-memory and configuration errors are never retried"
-    )
-    retry_delay_s: float = Field(5.0, ge=0, description="pause before a retry, so the ports and memory are let go")
-    device_settle_s: float = Field(
-        10.0, ge=0, description="after HCCL finds a card still busy (EJ0001), wait this long once npu-smi shows the "
-        "cards idle (HCCL's own advice is 10 s)"
-    )
-    device_release_timeout_s: float = Field(
-        600.0, gt=0, description="how long to wait for a previous training's processes to leave the cards"
-    )
-    stall: StallSettings = Field(default_factory=StallSettings)
 
 
 # The stores MLflow's tracking registry knows without plugins (a path is a file store); `+driver` suffixes allowed.

@@ -15,7 +15,6 @@ from npu_sft.datasets import PreparedData
 from npu_sft.devices import lease_devices, processes_on_devices
 from npu_sft.engine import DistributedLaunch
 from npu_sft.llamafactory_config import resolve_train_config, without_secrets, write_config
-from npu_sft.recovery import FailureKind
 from npu_sft.reevaluation import RESULTS, RESULTS_ARTIFACT_DIR, RUN_CONFIG, RUN_CONFIG_ARTIFACT_DIR
 from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline
@@ -23,13 +22,15 @@ from npu_sft.tracking import StepMetricSink
 from npu_sft.training import (
     STALL_STACKS_PREFIX,
     STEP_METRIC_KEYS,
+    FailureKind,
     RetryPolicy,
     TrainingFailed,
+    estimated_train_tokens_per_epoch,
     evaluation_results,
     launch_env,
+    run_figures,
     run_training,
 )
-from npu_sft.training_figures import estimated_train_tokens_per_epoch, run_figures
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from npu_sft.errors import NpuSftError
 from npu_sft.process import CommandFailed, CompletedCommand
-from npu_sft.recovery import classify_failure
+from npu_sft.training import classify_failure
 
 
 class EvaluationError(NpuSftError, RuntimeError):

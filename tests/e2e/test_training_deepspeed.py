@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from npu_sft.recovery import inspect_checkpoint, list_checkpoints
+from npu_sft.training.checkpoints import inspect_checkpoint, list_checkpoints
 from tests.e2e.test_training_recovery import (
     PLANNED_STEPS,
     SHORT_RUN,

@@ -29,9 +29,7 @@ from npu_sft.engine import DistributedLaunch
 from npu_sft.llamafactory_config import resolve_train_config, write_config
 from npu_sft.settings import Pipeline, load_pipeline
 from npu_sft.tiny_model import ensure_tiny_model, tokenizer_file
-from npu_sft.recovery import FailureKind
-from npu_sft.stall import StallSettings
-from npu_sft.training import RetryPolicy, launch_env, run_training
+from npu_sft.training import FailureKind, RetryPolicy, StallSettings, launch_env, run_training
 
 pytestmark = pytest.mark.e2e
 

@@ -94,7 +94,8 @@ def test_the_training_follower_goes_on_after_a_refused_write(
 
     from npu_sft.engine import DistributedLaunch, EngineSettings
     from npu_sft.training import RetryPolicy, run_training
-    from tests.unit.test_recovery import RANK_KILLED, ScriptedEngine
+    from tests.unit.training.test_attempts import ScriptedEngine
+    from tests.unit.training.test_failures import RANK_KILLED
 
     output_dir = tmp_path / "output"
     config_file = tmp_path / "llamafactory.yaml"

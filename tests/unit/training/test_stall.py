@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from npu_sft.stall import (
+from npu_sft.training.stall import (
     EVALUATION_MARK,
     SAVING_MARK,
     Phase,
     ProgressWatchdog,
     RankState,
-    StallSettings,
     rank_states,
     stalled_ranks,
 )
+from npu_sft.training.settings import StallSettings
 
 
 class Clock:
@@ -117,7 +117,7 @@ def test_the_stacks_of_a_stopped_rank_are_read(tmp_path: Path) -> None:
     import sys
     import time
 
-    from npu_sft.stall import RankState, dump_rank_stacks
+    from npu_sft.training.stall import RankState, dump_rank_stacks
 
     rank = subprocess.Popen([sys.executable, "-c", "import time\ndef waiting_in_a_collective():\n    time.sleep(60)\n"
                              "waiting_in_a_collective()"])
@@ -139,7 +139,7 @@ def test_the_stacks_of_a_stopped_rank_are_read(tmp_path: Path) -> None:
 
 
 def test_without_py_spy_or_ranks_the_stacks_say_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from npu_sft import stall
+    from npu_sft.training import stall
 
     monkeypatch.setattr(stall, "py_spy", lambda: None)
     assert stall.dump_rank_stacks([stall.RankState(1, "0", "S", 0)], tmp_path / "s.txt") == (

@@ -5,8 +5,8 @@ after it trains.
                           on_metrics=log_to_mlflow, policy=RetryPolicy.from_settings(settings.training))
 
 One call is one training: up to `policy.max_attempts` torchrun attempts. Whether an attempt finished is judged from
-its outputs (`npu_sft.completion`): a crash while the ranks shut down after writing them all is a warning, not a
-failure. A failed attempt is classified (`npu_sft.recovery.classify_failure`); a retryable one is followed by a wait
+its outputs (`npu_sft.training.completion`): a crash while the ranks shut down after writing them all is a warning, not a
+failure. A failed attempt is classified (`npu_sft.training.failures.classify_failure`); a retryable one is followed by a wait
 (and, on NPUs, by npu-smi confirming the cards are idle) and an attempt that resumes from the newest COMPLETE
 checkpoint in the run's output dir. A complete checkpoint at the last step ends the training instead: its adapter is
 the result, evaluated by an evaluation-only engine run when the evaluation is missing.
@@ -14,20 +14,31 @@ the result, evaluated by an evaluation-only engine run when the evaluation is mi
 
 from __future__ import annotations
 
-import json
-import math
-import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
 
 from npu_sft import process
-from npu_sft.completion import (
+from npu_sft.devices import DeviceError
+from npu_sft.engine import (
+    DistributedLaunch,
+    EngineCommand,
+    EngineSettings,
+    torchrun_train_command,
+)
+from npu_sft.recording import Metric
+from npu_sft.training.checkpoints import (
+    CheckpointCheck,
+    ResumePoint,
+    find_resume_point,
+    set_aside,
+)
+from npu_sft.training.completion import (
     evaluation_config,
     expects_evaluation,
     final_checkpoint,
@@ -35,36 +46,24 @@ from npu_sft.completion import (
     hand_over_checkpoint,
     needs_evaluation,
 )
-from npu_sft.devices import DeviceError
-from npu_sft.engine import DistributedLaunch, EngineCommand, EngineSettings, torchrun_train_command
-from npu_sft.recording import Metric
-from npu_sft.recovery import (
-    CheckpointCheck,
-    DeviceProbe,
-    DevicesStillBusy,
-    Failure,
-    FailureKind,
-    ResumePoint,
-    classify_failure,
-    find_resume_point,
-    set_aside,
-    wait_for_idle_devices,
+from npu_sft.training.errors import DevicesStillBusy, TrainingFailed
+from npu_sft.training.failures import Failure, FailureKind, classify_failure
+from npu_sft.training.models import Attempt, TrainingResult
+from npu_sft.training.rank_memory import RankMemorySampler
+from npu_sft.training.retry import DeviceProbe, RetryPolicy, wait_before_retry
+from npu_sft.training.stall import (
+    ProgressWatchdog,
+    dump_rank_stacks,
+    rank_states,
+    stalled_ranks,
 )
-from npu_sft.settings import TrainingSettings
-from npu_sft.stall import ProgressWatchdog, StallSettings, dump_rank_stacks, rank_states, stalled_ranks
+from npu_sft.training.trainer_log import (
+    TRAINER_LOG,
+    StepLedger,
+    TrainerLogFollower,
+    step_metrics,
+)
 
-TRAINER_LOG = "trainer_log.jsonl"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# Files LLaMA-Factory writes beside the adapter that a server or a later merge needs too.
-ADAPTER_COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "README.md")
-STEP_METRIC_NAMES = {"loss": "loss", "lr": "learning_rate", "eval_loss": "eval_loss", "epoch": "epoch"}
-# Written by LLaMA-Factory when RECORD_VRAM=1: the device allocator's peak so far, in GiB (0 on the CPU).
-DEVICE_MEMORY_METRIC_NAMES = {
-    "vram_allocated": "peak_device_memory_allocated_gb",
-    "vram_reserved": "peak_device_memory_reserved_gb",
-}
-# Every key `step_metrics` can produce: what a re-run of the train task asks the run for, to log no step twice.
-STEP_METRIC_KEYS = (*STEP_METRIC_NAMES.values(), *DEVICE_MEMORY_METRIC_NAMES.values())
 STALL_SAMPLE_S = 1.0  # between the two looks at the ranks of a stalled attempt
 STALL_STACKS_PREFIX = "stall-stacks-attempt-"  # <logs>/stall-stacks-attempt-<n>.txt: every rank's Python stacks
 
@@ -81,212 +80,6 @@ class CommandRunner(Protocol):
     ) -> process.CompletedCommand: ...
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Following trainer_log.jsonl
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class TrainerLogFollower:
-    """Reads the complete lines LLaMA-Factory has appended to trainer_log.jsonl since the last call."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._offset = 0
-        self._partial = ""
-
-    def read_new(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        if self.path.stat().st_size < self._offset:
-            # LLaMA-Factory deletes an old trainer log when it starts with overwrite_output_dir: start over.
-            self._offset, self._partial = 0, ""
-        with self.path.open("r", encoding="utf-8") as handle:
-            handle.seek(self._offset)
-            chunk = handle.read()
-            self._offset = handle.tell()
-        text = self._partial + chunk
-        lines = text.split("\n")
-        self._partial = lines.pop()  # an unfinished line stays until its newline arrives
-        return [json.loads(line) for line in lines if line.strip()]
-
-
-def step_metrics(record: Mapping[str, Any]) -> list[Metric]:
-    """One trainer_log record as MLflow (key, value, step) triples."""
-    step = int(record["current_steps"])
-    metrics = [
-        (name, float(record[key]), step)
-        for key, name in STEP_METRIC_NAMES.items()
-        if isinstance(record.get(key), (int, float))
-    ]
-    # The CPU reports 0 (and -1 reserved): no device memory to speak of, so nothing is logged.
-    metrics += [
-        (name, float(record[key]), step)
-        for key, name in DEVICE_MEMORY_METRIC_NAMES.items()
-        if isinstance(record.get(key), (int, float)) and record[key] > 0
-    ]
-    return metrics
-
-
-class StepLedger:
-    """The newest step logged per metric, so a resumed attempt that re-runs the steps after its checkpoint does not
-    log those steps a second time: the loss curve keeps one point per step."""
-
-    def __init__(self, logged: Mapping[str, int] | None = None):
-        self._last: dict[str, int] = dict(logged or {})
-
-    def new_only(self, metrics: Iterable[Metric]) -> list[Metric]:
-        kept: list[Metric] = []
-        for key, value, step in metrics:
-            if step <= self._last.get(key, -1):
-                continue
-            self._last[key] = step
-            kept.append((key, value, step))
-        return kept
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Host memory of the ranks
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class RankMemorySampler:
-    """The largest resident-set high-water mark (VmHWM) among the rank processes of one attempt, read from /proc.
-
-    Ranks are found by their command line: torchrun starts them with the attempt's config file as an argument,
-    which also finds them when the engine runs in a container on this host. Host RAM, not device memory.
-    """
-
-    REDISCOVER_EVERY = 10  # samples; ranks start a moment after torchrun, DataLoader workers come and go
-
-    def __init__(self, config_file: Path, proc_root: Path = Path("/proc")):
-        self._marker = str(config_file)
-        self._proc = proc_root
-        self._pids: set[int] = set()
-        self._samples = 0
-        self.peak_kib: int | None = None
-
-    def _discover(self) -> None:
-        if not self._proc.is_dir():  # not Linux: no figure rather than a wrong one
-            return
-        for entry in self._proc.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:  # exited meanwhile, or not ours to read
-                continue
-            args = [arg.decode("utf-8", "replace") for arg in argv]
-            if self._marker in args and "llamafactory.launcher" in args and "torch.distributed.run" not in args:
-                self._pids.add(int(entry.name))
-
-    def sample(self) -> None:
-        if not self._pids or self._samples % self.REDISCOVER_EVERY == 0:
-            self._discover()
-        self._samples += 1
-        for pid in list(self._pids):
-            try:
-                status = (self._proc / str(pid) / "status").read_text()
-            except OSError:
-                self._pids.discard(pid)
-                continue
-            for line in status.splitlines():
-                if line.startswith("VmHWM:"):
-                    kib = int(line.split()[1])
-                    self.peak_kib = max(self.peak_kib or 0, kib)
-
-    @property
-    def peak_mb(self) -> float | None:
-        return None if self.peak_kib is None else self.peak_kib / 1024
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Attempts and retries
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 3
-    retry_delay_s: float = 5.0
-    device_settle_s: float = 10.0
-    device_release_timeout_s: float = 600.0
-    device_poll_s: float = 5.0
-    stall: StallSettings = field(default_factory=StallSettings)
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
-
-    @classmethod
-    def from_settings(cls, settings: TrainingSettings) -> RetryPolicy:
-        return cls(
-            max_attempts=settings.max_attempts,
-            retry_delay_s=settings.retry_delay_s,
-            device_settle_s=settings.device_settle_s,
-            device_release_timeout_s=settings.device_release_timeout_s,
-            stall=settings.stall,
-        )
-
-
-@dataclass(frozen=True)
-class Attempt:
-    number: int
-    config_file: Path
-    resumed_from_step: int  # 0: from the beginning
-    returncode: int
-    wall_time_s: float
-    last_step: int | None  # the newest step its trainer log reached
-    failure: Failure | None
-    records: tuple[dict[str, Any], ...] = ()  # what it appended to trainer_log.jsonl
-    # A crash while the ranks shut down, after the training's final outputs were all written: not a failure.
-    exit_crash: Failure | None = None
-
-    @property
-    def loop_time_s(self) -> float | None:
-        """Time in the training loop up to its newest logged step (LLaMA-Factory's `elapsed_time`, whole seconds)."""
-        times = [_seconds(r["elapsed_time"]) for r in self.records if isinstance(r.get("elapsed_time"), str)]
-        known = [t for t in times if t is not None]
-        return known[-1] if known else None
-
-
-def _seconds(elapsed: str) -> float | None:
-    """LLaMA-Factory's `str(timedelta(seconds=...))`: "0:01:05" or "1 day, 2:00:00"."""
-    days = 0
-    if "day" in elapsed:
-        day_part, _, elapsed = elapsed.partition(", ")
-        days = int(day_part.split()[0])
-    parts = elapsed.split(":")
-    if len(parts) != 3:
-        return None
-    try:
-        hours, minutes, seconds = int(parts[0]), int(parts[1]), float(parts[2])
-    except ValueError:
-        return None
-    return days * 86400 + hours * 3600 + minutes * 60 + seconds
-
-
-@dataclass(frozen=True)
-class TrainingResult:
-    output_dir: Path
-    wall_time_s: float  # the whole training: every attempt, and the waits between them
-    log_file: Path
-    records: list[dict[str, Any]]
-    attempts: list[Attempt] = field(default_factory=list)
-    peak_rank_rss_mb: float | None = None
-    # Set when the training was complete in a checkpoint at its last step and the outputs were taken from there.
-    finished_from_checkpoint: Path | None = None
-
-
-class TrainingFailed(process.CommandFailed):
-    """Training failed for good: a failure that is not retried, attempts used up, or cards that never came free."""
-
-    def __init__(self, completed: process.CompletedCommand, failure: Failure, attempts: list[Attempt], why: str):
-        self.failure = failure
-        self.attempts = attempts
-        super().__init__(completed, "training")
-        # The verdict first, then CommandFailed's exit code, log path and output tail.
-        headline = f"training failed after {len(attempts)} attempt(s) ({why}): {failure.what}: {failure.evidence}"
-        self.args = (f"{headline}\n{self.args[0]}",)
 
 
 def launch_env(device_kind: str) -> dict[str, str]:
@@ -337,33 +130,6 @@ def _append_to_log(log_file: Path, line: str) -> None:
     with log_file.open("a", encoding="utf-8") as handle:
         handle.write(line + "\n")
 
-
-def _wait_before_retry(
-    failure: Failure,
-    policy: RetryPolicy,
-    *,
-    device_ids: Sequence[int],
-    device_probe: DeviceProbe | None,
-    sleep: Callable[[float], None],
-    clock: Callable[[], float],
-    on_event: Callable[[str], None],
-) -> None:
-    if device_probe is not None and device_ids:
-        # HCCL refuses a card a previous process still holds (EJ0001): confirm they have all gone first.
-        wait_for_idle_devices(
-            device_ids,
-            device_probe,
-            timeout_s=policy.device_release_timeout_s,
-            poll_s=policy.device_poll_s,
-            sleep=sleep,
-            clock=clock,
-            on_wait=on_event,
-        )
-    if failure.kind is FailureKind.DEVICE_BUSY:
-        on_event(f"cards are idle; waiting {policy.device_settle_s:.0f} s more, as HCCL advises, before retrying")
-        sleep(policy.device_settle_s)
-    elif policy.retry_delay_s > 0:
-        sleep(policy.retry_delay_s)
 
 
 @dataclass
@@ -577,7 +343,7 @@ def run_training(
             raise TrainingFailed(completed, failure, attempts, "training.max_attempts reached")
         event(f"training attempt {number}/{policy.max_attempts} {failure.describe()}; retrying")
         try:
-            _wait_before_retry(
+            wait_before_retry(
                 failure, policy, device_ids=device_ids, device_probe=device_probe, sleep=sleep, clock=clock,
                 on_event=event,
             )
@@ -592,38 +358,3 @@ def run_training(
                 "every node shares, or set save_on_each_node: true",
             )
     raise RuntimeError("unreachable: every attempt returns or raises, and RetryPolicy has max_attempts >= 1")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# After training
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def read_results(output_dir: Path) -> dict[str, float]:
-    """LLaMA-Factory's final metrics (all_results.json), with perplexity derived from eval_loss."""
-    results_file = output_dir / "all_results.json"
-    if not results_file.is_file():
-        raise FileNotFoundError(f"{results_file} missing: the engine finished without writing its results")
-    results = {key: float(value) for key, value in json.loads(results_file.read_text()).items() if isinstance(value, (int, float))}
-    if "eval_loss" in results:
-        eval_loss = results["eval_loss"]
-        results["perplexity"] = math.exp(eval_loss) if eval_loss < 700 else math.inf
-    return results
-
-
-def evaluation_results(output_dir: Path) -> dict[str, float]:
-    """The training's final evaluation (eval_loss, perplexity, eval_runtime, ...): all_results.json without the
-    train_* figures, which the train task computes across attempts."""
-    return {key: value for key, value in read_results(output_dir).items() if not key.startswith("train_")}
-
-
-def collect_adapter(output_dir: Path, dest: Path) -> Path:
-    """Copy the trained adapter (not the checkpoints) into `dest`, the directory that gets published."""
-    missing = [name for name in ADAPTER_FILES if not (output_dir / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{output_dir}: training wrote no {', '.join(missing)}")
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ADAPTER_FILES + ADAPTER_COMPANIONS:
-        if (output_dir / name).is_file():
-            shutil.copy2(output_dir / name, dest / name)
-    return dest

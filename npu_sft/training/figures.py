@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from npu_sft.training import TrainingResult
+from npu_sft.training.models import TrainingResult
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -10,18 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from npu_sft.settings import TrainingSettings
 from npu_sft.training import (
     Attempt,
-    RankMemorySampler,
     RetryPolicy,
     StepLedger,
     TrainerLogFollower,
     TrainingResult,
+    TrainingSettings,
+    estimated_train_tokens_per_epoch,
     launch_env,
+    run_figures,
     step_metrics,
 )
-from npu_sft.training_figures import estimated_train_tokens_per_epoch, run_figures
+from npu_sft.training.rank_memory import RankMemorySampler
 
 
 def test_device_memory_is_a_step_metric_only_where_the_device_reports_it() -> None:

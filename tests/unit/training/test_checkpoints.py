@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from npu_sft.recovery import (
+from npu_sft.training.checkpoints import (
     find_resume_point,
     inspect_checkpoint,
     safetensors_problem,

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from npu_sft.completion import (
+from npu_sft.training.completion import (
     evaluation_config,
     expects_evaluation,
     final_checkpoint,
     final_output_problems,
     hand_over_checkpoint,
 )
-from tests.unit.test_recovery import write_final_outputs
-from tests.unit.test_recovery_checkpoints import truncate, write_checkpoint, write_safetensors
+from tests.unit.training.test_attempts import write_final_outputs
+from tests.unit.training.test_checkpoints import truncate, write_checkpoint, write_safetensors
 
 
 @pytest.mark.parametrize(

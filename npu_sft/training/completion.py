@@ -20,7 +20,12 @@ from typing import Any
 
 import yaml
 
-from npu_sft.recovery import CheckpointCheck, find_resume_point, json_problem, safetensors_problem
+from npu_sft.training.checkpoints import (
+    CheckpointCheck,
+    find_resume_point,
+    json_problem,
+    safetensors_problem,
+)
 
 TRAINER_STATE = "trainer_state.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

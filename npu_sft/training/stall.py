@@ -25,27 +25,13 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from npu_sft import process
+from npu_sft.training.settings import StallSettings
 
 # What transformers' Trainer prints (at INFO, which LLaMA-Factory turns on) when a long phase starts.
 EVALUATION_MARK = "***** Running Evaluation *****"
 SAVING_MARK = "Saving model checkpoint to"
 
-
-class StallSettings(BaseModel):
-    """`training.stall`: progress deadlines; an attempt that misses one is stopped and counts as a failed attempt."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    startup_s: float = Field(1800.0, gt=0, description="until the first logged step: model loading, tokenization")
-    step_floor_s: float = Field(300.0, gt=0, description="the shortest deadline between two logged steps")
-    step_factor: float = Field(
-        10.0, ge=1, description="the deadline between logged steps: this times the longest interval seen so far"
-    )
-    phase_s: float = Field(3600.0, gt=0, description="an evaluation or a checkpoint save")
 
 
 class Phase(str, Enum):
