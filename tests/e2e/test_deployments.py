@@ -35,8 +35,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from npu_sft import host_processes
 from npu_sft.devices import DeviceSettings, acquire_lease, current_leases
-from npu_sft.reconcile import RECONCILED_TAG, RUN_ID_VAR, is_flow_engine
-from npu_sft.services import MARKER_VAR, ServiceSettings, port_in_use, read_record
+from npu_sft.ops.reconcile import RECONCILED_TAG, RUN_ID_VAR, is_flow_engine
+from npu_sft.ops.settings import ServiceSettings
+from npu_sft.ops.supervisor import MARKER_VAR, port_in_use, read_record
 from npu_sft.tracking import END_REASON_TAG
 
 pytestmark = pytest.mark.e2e

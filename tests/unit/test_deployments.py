@@ -15,8 +15,9 @@ from prefect.utilities.callables import parameter_schema
 from prefect.utilities.templating import apply_values
 
 from npu_sft.llamafactory_config import resolve_deepspeed
-from npu_sft.prefect_setup import load_automations
-from npu_sft.services import WORK_POOL, deployment_names
+from npu_sft.ops.deploy import deployment_names
+from npu_sft.ops.prefect_setup import load_automations
+from npu_sft.ops.specs import WORK_POOL
 from npu_sft.settings import load_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
@@ -193,7 +194,7 @@ class FakeAutomationClient:
 
 
 def test_automations_are_updated_by_name_not_duplicated() -> None:
-    from npu_sft.prefect_setup import apply_automations
+    from npu_sft.ops.prefect_setup import apply_automations
 
     automations = load_automations(DEPLOYMENTS / "automations.yaml")
     fresh = FakeAutomationClient({})

@@ -12,18 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from npu_sft import host_processes, services
-from npu_sft.services import (
+from npu_sft import host_processes
+from npu_sft.ops import deploy, services, specs, supervisor
+from npu_sft.ops.supervisor import (
     MARKER_VAR,
-    ServiceError,
     ServiceRecord,
-    ServiceSettings,
     marker,
     running_record,
     services_token,
     stop,
     write_record,
 )
+from npu_sft.ops.errors import ServiceError
+from npu_sft.ops.settings import ServiceSettings
+from npu_sft.service_env import PROJECT_DIR_VAR
 
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 
@@ -59,13 +61,13 @@ def test_a_bad_port_is_one_clear_error(tmp_path: Path, bad: str) -> None:
 
 def test_every_service_listens_on_loopback_only(tmp_path: Path) -> None:
     settings = ServiceSettings.from_env(tmp_path, {})
-    specs = services.service_specs(settings, "token")
-    assert list(specs) == ["prefect-server", "mlflow", "worker", "reconciler"]
-    for spec in specs.values():
+    by_name = specs.service_specs(settings, "token")
+    assert list(by_name) == ["prefect-server", "mlflow", "worker", "reconciler"]
+    for spec in by_name.values():
         if "--host" in spec.argv:
             assert spec.argv[spec.argv.index("--host") + 1] == "127.0.0.1"
         assert spec.env[MARKER_VAR] == marker("token", spec.name)
-    assert specs["worker"].env[services.PROJECT_DIR_VAR] == str(tmp_path)
+    assert by_name["worker"].env[PROJECT_DIR_VAR] == str(tmp_path)
 
 
 def test_the_workers_flows_write_the_project_store_through_the_mlflow_server(tmp_path: Path,
@@ -74,7 +76,7 @@ def test_the_workers_flows_write_the_project_store_through_the_mlflow_server(tmp
     from npu_sft.tracking import tracking_uri
 
     settings = ServiceSettings.from_env(tmp_path, {"NPU_SFT_MLFLOW_PORT": "5123"})
-    worker_env = services.service_specs(settings, "token")["worker"].env
+    worker_env = specs.service_specs(settings, "token")["worker"].env
     monkeypatch.chdir(tmp_path)  # the deployments run in the project directory
     project_store = MlflowSettings()  # sqlite:///mlruns/mlflow.db, relative to it
     assert tracking_uri(project_store, worker_env) == "http://127.0.0.1:5123"
@@ -89,7 +91,7 @@ def test_a_dead_services_record_is_removed(tmp_path: Path) -> None:
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     write_record(settings, ServiceRecord("worker", int(finished.stdout), None, None, ["x"]))
     assert running_record(settings, "worker") is None
-    assert not services.record_path(settings, "worker").exists()
+    assert not supervisor.record_path(settings, "worker").exists()
 
 
 def test_a_reused_pid_is_not_taken_for_the_service(tmp_path: Path) -> None:
@@ -104,18 +106,18 @@ def test_a_reused_pid_is_not_taken_for_the_service(tmp_path: Path) -> None:
 
 def _start_fake_service(settings: ServiceSettings, token: str, mode: str) -> tuple[ServiceRecord, int]:
     settings.services_dir.mkdir(parents=True, exist_ok=True)
-    spec = services.ServiceSpec(
+    spec = supervisor.ServiceSpec(
         name="worker",
         argv=[sys.executable, "-c", SERVICE_SCRIPT, mode],
         env={**os.environ, MARKER_VAR: marker(token, "worker")},
         port=None,
         describe="fake",
-        is_ready=lambda _: services.log_path(settings, "worker").read_text().strip() != "",
+        is_ready=lambda _: supervisor.log_path(settings, "worker").read_text().strip() != "",
         ready_timeout_s=20,
     )
-    record = services.start(settings, spec)
-    services.wait_ready(settings, spec, record)
-    child = int(services.log_path(settings, "worker").read_text().split()[0])
+    record = supervisor.start(settings, spec)
+    supervisor.wait_ready(settings, spec, record)
+    child = int(supervisor.log_path(settings, "worker").read_text().split()[0])
     return record, child
 
 
@@ -131,7 +133,7 @@ def test_stop_takes_the_service_and_children_that_left_its_group(tmp_path: Path,
     assert not host_processes.is_alive(child)
     assert ("SIGKILL" in message) == (mode == "stubborn")
     assert time.monotonic() - started < 15
-    assert not services.record_path(settings, "worker").exists()
+    assert not supervisor.record_path(settings, "worker").exists()
     assert stop(settings, "worker", token) == "worker: not running"
 
 
@@ -147,16 +149,16 @@ def test_start_refuses_a_port_someone_else_holds(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        spec = services.ServiceSpec("mlflow", [sys.executable, "-c", "pass"], dict(os.environ), port, "x",
+        spec = supervisor.ServiceSpec("mlflow", [sys.executable, "-c", "pass"], dict(os.environ), port, "x",
                                     lambda _: True, 1)
         with pytest.raises(ServiceError, match=f"port {port}"):
-            services.start(settings, spec)
+            supervisor.start(settings, spec)
 
 
 def test_cli_access_points_at_the_server(tmp_path: Path) -> None:
     settings = ServiceSettings.from_env(tmp_path, {"NPU_SFT_PREFECT_PORT": "4321"})
     settings.services_dir.mkdir(parents=True)
-    env_file = services.write_cli_access(settings)
+    env_file = deploy.write_cli_access(settings)
     assert env_file.read_text() == "export PREFECT_API_URL=http://127.0.0.1:4321/api\n"
     profile = (settings.prefect_home / "profiles.toml").read_text()
     assert 'active = "npu-sft"' in profile and 'PREFECT_API_URL = "http://127.0.0.1:4321/api"' in profile

@@ -18,9 +18,10 @@ from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Completed, Crashed, Failed, Running
 
-from npu_sft import host_processes, reconcile
+from npu_sft import host_processes
+from npu_sft.ops import reconcile
 from npu_sft.host_processes import ProcessInfo
-from npu_sft.reconcile import RECONCILED_TAG, RUN_ID_VAR, Reconciler, fail_mlflow_runs
+from npu_sft.ops.reconcile import RECONCILED_TAG, RUN_ID_VAR, Reconciler, fail_mlflow_runs
 
 WORKER = "host-a"
 WORKER_PID = 4000

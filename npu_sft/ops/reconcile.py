@@ -1,6 +1,6 @@
 """Crash reconciliation: what a dead process can no longer do for itself.
 
-    python -m npu_sft.reconcile --worker-name HOST --tracking-uri http://127.0.0.1:5000   (`make up` runs it)
+    python -m npu_sft.ops.reconcile --worker-name HOST --tracking-uri http://127.0.0.1:5000   (`make up` runs it)
 
 A flow run marks itself Crashed and its MLflow run FAILED when it is told to stop (SIGTERM, cancellation), but
 not when it is SIGKILLed (OOM killer) or loses its worker. Every few seconds, for the flow runs of this host's
@@ -59,7 +59,7 @@ from npu_sft import host_processes
 from npu_sft.host_processes import ProcessInfo
 from npu_sft.tracking import end_running_runs
 
-log = logging.getLogger("npu_sft.reconcile")
+log = logging.getLogger("npu_sft.ops.reconcile")
 
 RUN_ID_VAR = "PREFECT__FLOW_RUN_ID"  # set by the worker for the flow run's process, inherited by all it starts
 WORKER_LABEL = "prefect.worker.name"
@@ -263,7 +263,7 @@ class Reconciler:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="npu_sft.reconcile", description=__doc__,
+    parser = argparse.ArgumentParser(prog="npu_sft.ops.reconcile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker-name", help="the Prefect worker on this host, whose flow runs' processes are "
                         "checked; without it only MLflow runs of ended flow runs are fixed")

@@ -1,6 +1,6 @@
 """Prefect objects the deployments need besides themselves: the process work pool and the crash automations.
 
-    python -m npu_sft.prefect_setup --pool device-hosts --automations deployments/automations.yaml
+    python -m npu_sft.ops.prefect_setup --pool device-hosts --automations deployments/automations.yaml
 
 Both steps are idempotent: the pool is created only when missing (an existing pool keeps its settings), and
 automations are matched by name, so running `make up` again updates them instead of adding copies.
@@ -52,7 +52,7 @@ def apply_automations(client: SyncPrefectClient, automations: list[AutomationCor
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="npu_sft.prefect_setup", description=__doc__,
+    parser = argparse.ArgumentParser(prog="npu_sft.ops.prefect_setup", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", required=True, help="process work pool to create if missing")
     parser.add_argument("--automations", type=Path, help="YAML file with an `automations:` list")
