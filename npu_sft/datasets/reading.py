@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from npu_sft.datasets.builtin import BUILTIN_DATASETS
 from npu_sft.datasets.errors import DatasetError
+from npu_sft.datasets.settings import DatasetSpec
 
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
@@ -255,3 +257,36 @@ def _parquet_rows(data_file: DataFile) -> list[RawRow]:
     except pa.ArrowException as err:
         raise DatasetError(f"{data_file.display}: not a readable parquet file ({err})") from err
     return [RawRow(row=index + 1, line=None, value=record) for index, record in enumerate(table.to_pylist())]
+
+
+@dataclass
+class LoadedSource:
+    """A source's inputs read into memory: data files (hashed before parsing) or a builtin's generated rows."""
+
+    spec: DatasetSpec
+    files: list[DataFile]
+    builtin_rows: list[dict[str, Any]] | None
+    skipped_files: list[str]
+
+    def digests(self) -> list[tuple[str, str]]:
+        if self.builtin_rows is not None:
+            encoded = json.dumps(self.builtin_rows, ensure_ascii=False, sort_keys=True).encode("utf-8")
+            return [(f"builtin:{self.spec.name}", hashlib.sha256(encoded).hexdigest())]
+        return [(data_file.display, data_file.sha256) for data_file in self.files]
+
+    def parsed_files(self) -> list[tuple[str, list[RawRow]]]:
+        if self.builtin_rows is not None:
+            rows = [RawRow(row=index, line=None, value=row) for index, row in enumerate(self.builtin_rows, start=1)]
+            return [(f"builtin:{self.spec.name}", rows)]
+        return [(data_file.display, parse_rows(data_file)) for data_file in self.files]
+
+
+def load_source(spec: DatasetSpec) -> LoadedSource:
+    if spec.source == "builtin":
+        return LoadedSource(spec=spec, files=[], builtin_rows=BUILTIN_DATASETS[spec.name](), skipped_files=[])
+    if spec.path is None:
+        # Only a modelscope spec gets here: its path is set by the download step.
+        raise DatasetError(f"dataset '{spec.name}': {spec.repo_id} is not downloaded yet (no local path)")
+    selection = select_data_files(spec.path, spec.files)
+    files = [load_data_file(path, str(path)) for path in selection.files]
+    return LoadedSource(spec=spec, files=files, builtin_rows=None, skipped_files=[str(p) for p in selection.skipped])

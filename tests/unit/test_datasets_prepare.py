@@ -25,7 +25,7 @@ from npu_sft.datasets import (
     stats_table_rows,
 )
 from npu_sft.datasets import output as output_module
-from npu_sft.datasets.prepare import eval_row_count, split_rows
+from npu_sft.datasets.split import eval_row_count, split_rows
 
 
 @pytest.fixture(scope="module")
