@@ -6,12 +6,12 @@ The smoke test in serving.py starts, checks and stops a server; this keeps one u
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from npu_sft.engine import EngineSettings, ServedModel
+from npu_sft.ports import port_is_free
 from npu_sft.secret_blocks import SecretBlockError, read_secret_block
 from npu_sft.serving import ServeError, api_server
 from npu_sft.settings import ServeSettings
@@ -42,11 +42,8 @@ def load_api_key(settings: ServeSettings, environ: Mapping[str, str]) -> str:
 
 
 def check_port_free(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            raise ServeError(f"port {port} on {host} is in use; pass another `port`") from None
+    if not port_is_free(port, host):
+        raise ServeError(f"port {port} on {host} is in use; pass another `port`")
 
 
 def serve_until_stopped(

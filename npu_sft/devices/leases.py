@@ -35,6 +35,7 @@ from npu_sft.devices.records import (
     withdraw_record,
 )
 from npu_sft.devices.settings import DeviceRequest, DeviceSettings
+from npu_sft.ports import port_is_free
 
 WaitCallback = Callable[[str], None]
 
@@ -139,16 +140,6 @@ def lock_devices(
         return (), tuple(busy)
     locks.enter_context(attempt)
     return tuple(taken), tuple(busy)
-
-
-def port_is_free(port: int) -> bool:
-    """Whether nothing (ours or anyone's) listens on `port` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind(("", port))
-        except OSError:
-            return False
-    return True
 
 
 def reserve_master_port(state_dir: Path, port_range: tuple[int, int], locks: ExitStack) -> int:

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from pathlib import Path
 from npu_sft import host_processes
 from npu_sft.ops.errors import ServiceError
 from npu_sft.ops.settings import HOST, ServiceSettings
+from npu_sft.ports import port_is_free
 
 MARKER_VAR = "NPU_SFT_SERVICES"
 
@@ -104,16 +104,6 @@ def marker(token: str, name: str) -> str:
     return f"{token}/{name}"
 
 
-def port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((HOST, port))
-        except OSError:
-            return True
-    return False
-
-
 def log_tail(settings: ServiceSettings, name: str, lines: int = 25) -> str:
     path = log_path(settings, name)
     if not path.is_file():
@@ -122,7 +112,7 @@ def log_tail(settings: ServiceSettings, name: str, lines: int = 25) -> str:
 
 
 def start(settings: ServiceSettings, spec: ServiceSpec) -> ServiceRecord:
-    if spec.port is not None and port_in_use(spec.port):
+    if spec.port is not None and not port_is_free(spec.port, HOST):
         raise ServiceError(
             f"{spec.name}: port {spec.port} on {HOST} is taken by another program; "
             f"choose another with NPU_SFT_{'PREFECT' if spec.name == 'prefect-server' else 'MLFLOW'}_PORT"

@@ -35,9 +35,11 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from npu_sft import host_processes
 from npu_sft.devices import DeviceSettings, acquire_lease, current_leases
+from npu_sft.ops import HOST
 from npu_sft.ops.reconcile import RECONCILED_TAG, RUN_ID_VAR, is_flow_engine
 from npu_sft.ops.settings import ServiceSettings
-from npu_sft.ops.supervisor import MARKER_VAR, port_in_use, read_record
+from npu_sft.ops.supervisor import MARKER_VAR, read_record
+from npu_sft.ports import port_is_free
 from npu_sft.tracking import END_REASON_TAG
 
 pytestmark = pytest.mark.e2e
@@ -448,6 +450,6 @@ def test_down_stops_everything_up_started_even_mid_run(project: Project) -> None
     stray = [info for info in host_processes.list_processes([MARKER_VAR])
              if info.env.get(MARKER_VAR, "").startswith(f"{token}/")]
     assert stray == []
-    assert not port_in_use(project.settings.prefect_port) and not port_in_use(project.settings.mlflow_port)
+    assert port_is_free(project.settings.prefect_port, HOST) and port_is_free(project.settings.mlflow_port, HOST)
     again = project.script("down")
     assert again.returncode == 0 and again.stdout.count("not running") == len(SERVICES)
