@@ -67,13 +67,7 @@ def generate_config(
     )
     engine = pipeline.settings.engine
     model = ensure_tiny_model(engine, pipeline.state_dir / "models")
-    data = prepare_datasets(
-        pipeline.data_settings(),
-        val_size=pipeline.val_size,
-        cutoff_len=pipeline.cutoff_len,
-        tokenizer_file=tokenizer_file(model),
-        out_root=pipeline.state_dir / "datasets",
-    )
+    data = prepare_datasets(pipeline.data_settings(), **pipeline.prepare_arguments(tokenizer_file(model)))
     output_dir = work / "output"
     config = resolve_train_config(
         pipeline, model_path=str(model), data_args=data.llamafactory_args(), output_dir=output_dir

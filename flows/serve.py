@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from prefect import flow
 
-from npu_sft.api_service import load_api_key
+from npu_sft.serving import load_api_key
 from npu_sft.settings import load_pipeline
 from npu_sft.user_errors import quiet_user_error_tracebacks
 from tasks.registry import fetch_registered_adapter, resolve_registered_version

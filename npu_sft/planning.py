@@ -18,8 +18,6 @@ from npu_sft.download import download_model, find_cached_download
 from npu_sft.download.datasets import with_downloaded_datasets
 from npu_sft.download.settings import TOKEN_ENV_VAR
 from npu_sft.engine import (
-    DistributedLaunch,
-    ServedModel,
     api_server_command,
     render_command,
     served_name,
@@ -28,8 +26,10 @@ from npu_sft.engine import (
 from npu_sft.gate import describe_gate
 from npu_sft.merged_export import merged_model_name
 from npu_sft.llamafactory_config import check_with_engine, env_script_missing, resolve_train_config, without_secrets
+from npu_sft.serving import served_model
 from npu_sft.settings import ConfigError, Pipeline, TinyModelSource, missing_data_file
 from npu_sft.tiny_model import ensure_tiny_model, tokenizer_file
+from npu_sft.training import distributed_launch
 
 MASTER_PORT_PLACEHOLDER = 0  # chosen (and reserved) when the task leases its devices
 SERVE_SHOWN_ENV = ("API_HOST", "API_PORT", "API_MODEL_NAME", "MAX_CONCURRENT", "API_VERBOSE")  # never API_KEY
@@ -84,13 +84,7 @@ def render_plan(pipeline: Pipeline) -> list[RenderableType]:
         data_args=_planned_data_args(pipeline),
         output_dir=run_dir / "output",
     )
-    launch = DistributedLaunch(
-        nproc_per_node=devices.count,
-        master_port=MASTER_PORT_PLACEHOLDER,
-        nnodes=settings.training.nnodes,
-        node_rank=settings.training.node_rank,
-        master_addr=settings.training.master_addr,
-    )
+    launch = distributed_launch(settings.training, nproc_per_node=devices.count, master_port=MASTER_PORT_PLACEHOLDER)
     command = torchrun_train_command(settings.engine, launch, run_dir / "llamafactory.yaml", env=devices.env)
     shown_env = [*devices.env, *settings.engine.env] if settings.engine.is_local else []
     line = render_command(command, shown_env).replace("--master_port 0", "--master_port <free port, reserved at launch>")
@@ -126,11 +120,8 @@ def _serve_line(pipeline: Pipeline) -> str:
     except ValueError as err:  # devices.kind auto found no accelerator
         raise ConfigError(f"{pipeline.config_file}: {err}") from None
     name = settings.publish.registered_model
-    model = ServedModel(
-        served_name(name, "<N>"),
-        _planned_model_path(pipeline),
-        str(pipeline.state_dir / "registry" / f"{name}-v<N>"),
-        str(pipeline.llamafactory.get("template", "default")),
+    model = served_model(
+        pipeline, served_name(name, "<N>"), _planned_model_path(pipeline), pipeline.state_dir / "registry" / f"{name}-v<N>"
     )
     command = api_server_command(settings.engine, model, settings.serve, port=8000, api_key="", env=env)
     shown = [*env, *settings.engine.env, *SERVE_SHOWN_ENV] if settings.engine.is_local else []
@@ -219,11 +210,5 @@ def model_tokenizer(pipeline: Pipeline) -> Path | None:
 
 def prepare_alone(pipeline: Pipeline) -> list[RenderableType]:
     data_settings, _ = with_downloaded_datasets(pipeline.data_settings(), pipeline.hub_source)
-    prepared = prepare_datasets(
-        data_settings,
-        val_size=pipeline.val_size,
-        cutoff_len=pipeline.cutoff_len,
-        tokenizer_file=model_tokenizer(pipeline),
-        out_root=pipeline.state_dir / "datasets",
-    )
+    prepared = prepare_datasets(data_settings, **pipeline.prepare_arguments(model_tokenizer(pipeline)))
     return render_prepare_report(prepared)

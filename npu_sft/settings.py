@@ -134,6 +134,16 @@ class Pipeline(BaseModel):
     def cutoff_len(self) -> int:
         return int(self.llamafactory.get("cutoff_len", LLAMAFACTORY_DEFAULT_CUTOFF_LEN))
 
+    def prepare_arguments(self, tokenizer_file: Path | None) -> dict[str, Any]:
+        """`prepare_datasets`' (and `prepared_dir_for`'s) keyword arguments for this pipeline, besides its sources:
+        the split, the cut-off, the tokenizer that measures rows, and where prepared directories live."""
+        return {
+            "val_size": self.val_size,
+            "cutoff_len": self.cutoff_len,
+            "tokenizer_file": tokenizer_file,
+            "out_root": self.state_dir / "datasets",
+        }
+
     @property
     def hub_source(self) -> ModelSource | None:
         """The model's ModelScope settings (endpoint, cache, offline), which dataset repositories follow too."""

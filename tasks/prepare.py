@@ -42,21 +42,13 @@ def download_datasets(pipeline: Pipeline, run: RunContext) -> DataSettings:
     return resolved
 
 
-def _prepare_arguments(pipeline: Pipeline, sources: DataSettings, model_path: Path) -> dict[str, Any]:
-    return {
-        "val_size": pipeline.val_size,
-        "cutoff_len": pipeline.cutoff_len,
-        "tokenizer_file": tokenizer_file(model_path),
-        "out_root": pipeline.state_dir / "datasets",
-    }
-
-
 def prepared_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     """The prepared directory's own content key (inputs' bytes, settings, tokenizer, code) and path: an edited data
     file makes a new key, and a deleted directory is never answered from Prefect's cache."""
     try:
+        pipeline: Pipeline = parameters["pipeline"]
         directory = prepared_dir_for(
-            parameters["sources"], **_prepare_arguments(parameters["pipeline"], parameters["sources"], parameters["model_path"])
+            parameters["sources"], **pipeline.prepare_arguments(tokenizer_file(parameters["model_path"]))
         )
     except DatasetError:
         return None  # the task itself reports it
@@ -73,7 +65,7 @@ def prepared_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> s
 def prepare_data(pipeline: Pipeline, run: RunContext, sources: DataSettings, model_path: Path) -> PreparedData:
     """Validate, dedup, split and measure the data before any device is taken; fails on too many rejects."""
     logger = get_run_logger()
-    prepared = prepare_datasets(sources, **_prepare_arguments(pipeline, sources, model_path))
+    prepared = prepare_datasets(sources, **pipeline.prepare_arguments(tokenizer_file(model_path)))
     logger.info(
         "datasets %s: %s (%d train, %d eval rows, %d rejected)",
         "reused (cache hit)" if prepared.cache_hit else "prepared",

@@ -4,11 +4,10 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from npu_sft.devices import lease_devices
 from npu_sft.engine import served_name
 from npu_sft.publishing import Published
 from npu_sft.runs import RunContext
-from npu_sft.serving import served_model, smoke_test
+from npu_sft.serving import served_model, smoke_test_on_lease
 from npu_sft.settings import Pipeline
 from tasks.train import Trained
 
@@ -26,15 +25,9 @@ def serve_smoke_test(
     else:
         name = f"{settings.name}:run-{run.mlflow_run_id[:8]}"
     model = served_model(pipeline, name, model_path, trained.output_dir)
-    with lease_devices(settings.devices, task="serve", flow_run_id=run.flow_run_id, on_wait=logger.info) as lease:
-        result = smoke_test(
-            settings.engine,
-            settings.serve,
-            model,
-            device_env={**lease.env(), **settings.serve.backend_env(lease.kind)},
-            port=lease.master_port,
-            log_file=run.logs_dir / "serve.log",
-        )
+    result = smoke_test_on_lease(
+        pipeline, model, flow_run_id=run.flow_run_id, log_file=run.logs_dir / "serve.log", on_wait=logger.info
+    )
     run.tracker.log_metrics([("serve_startup_s", result.startup_s, 0), ("serve_latency_s", result.latency_s, 0)])
     run.tracker.set_tags({"serve.reply": result.reply[:5000], "serve.model": result.model})
     logger.info("%s replied: %r", result.model, result.reply)

@@ -11,11 +11,17 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from npu_sft import registry
-from npu_sft.api_service import API_KEY_VAR, load_api_key, serve_until_stopped
 from npu_sft.devices import lease_devices
 from npu_sft.engine import served_name
 from npu_sft.registry import RegisteredAdapter
-from npu_sft.serving import served_model, smoke_test
+from npu_sft.serving import (
+    API_KEY_VAR,
+    load_api_key,
+    serve_device_env,
+    serve_until_stopped,
+    served_model,
+    smoke_test_on_lease,
+)
 from npu_sft.settings import Pipeline
 
 
@@ -32,15 +38,9 @@ def smoke_serve(pipeline: Pipeline, model_path: Path, adapter: RegisteredAdapter
     logger = get_run_logger()
     settings = pipeline.settings
     model = served_model(pipeline, served_name(adapter.name, adapter.version), model_path, adapter.path)
-    with lease_devices(settings.devices, task="serve", flow_run_id=flow_run.get_id(), on_wait=logger.info) as lease:
-        result = smoke_test(
-            settings.engine,
-            settings.serve,
-            model,
-            device_env={**lease.env(), **settings.serve.backend_env(lease.kind)},
-            port=lease.master_port,
-            log_file=_serve_log(pipeline),
-        )
+    result = smoke_test_on_lease(
+        pipeline, model, flow_run_id=flow_run.get_id(), log_file=_serve_log(pipeline), on_wait=logger.info
+    )
     registry.tag_version(settings.mlflow, adapter.name, adapter.version, "npu_sft.smoke_reply", result.reply)
     logger.info("%s answered in %.1f s: %r", result.model, result.latency_s, result.reply)
     return result.reply
@@ -74,7 +74,7 @@ def serve_until_cancelled(pipeline: Pipeline, model_path: Path, adapter: Registe
                 settings.engine,
                 settings.serve,
                 model,
-                device_env={**lease.env(), **settings.serve.backend_env(lease.kind)},
+                device_env=serve_device_env(settings.serve, lease),
                 port=port,
                 api_key=api_key,
                 log_file=_serve_log(pipeline),

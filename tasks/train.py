@@ -13,7 +13,6 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from npu_sft.datasets import PreparedData
 from npu_sft.devices import lease_devices, processes_on_devices
-from npu_sft.engine import DistributedLaunch
 from npu_sft.llamafactory_config import resolve_train_config, without_secrets, write_config
 from npu_sft.reevaluation import RESULTS, RESULTS_ARTIFACT_DIR, RUN_CONFIG, RUN_CONFIG_ARTIFACT_DIR
 from npu_sft.runs import RunContext
@@ -25,6 +24,7 @@ from npu_sft.training import (
     FailureKind,
     RetryPolicy,
     TrainingFailed,
+    distributed_launch,
     estimated_train_tokens_per_epoch,
     evaluation_results,
     launch_env,
@@ -97,13 +97,7 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
 
     with lease_devices(settings.devices, task="train", flow_run_id=run.flow_run_id, on_wait=logger.info) as lease:
         logger.info("training on %s devices %s", lease.kind, ",".join(str(i) for i in lease.ids))
-        launch = DistributedLaunch(
-            nproc_per_node=lease.nproc_per_node,
-            master_port=lease.master_port,
-            nnodes=settings.training.nnodes,
-            node_rank=settings.training.node_rank,
-            master_addr=settings.training.master_addr,
-        )
+        launch = distributed_launch(settings.training, nproc_per_node=lease.nproc_per_node, master_port=lease.master_port)
         metrics = StepMetricSink(run.tracker, on_warning=logger.warning)
         progress = ProgressReporter(progress_id, on_warning=logger.warning)
         try:

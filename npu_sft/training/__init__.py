@@ -7,13 +7,14 @@ stalled attempt stopped, and what LLaMA-Factory leaves read back.
 Modules: `attempts` (the retry loop), `failures` (what a failed attempt was), `retry` (waits between attempts),
 `checkpoints` (where a retry resumes), `completion` (whether a training finished), `stall` (the progress
 watchdog), `trainer_log` (step metrics), `rank_memory` (the ranks' host RAM), `outputs` (results and adapter),
-`figures` (run figures for MLflow), `settings`, `models`, `errors`.
+`launch` (torchrun's layout and launch variables), `figures` (run figures for MLflow), `settings`, `models`, `errors`.
 """
 
-from npu_sft.training.attempts import STALL_STACKS_PREFIX, launch_env, run_training
+from npu_sft.training.attempts import STALL_STACKS_PREFIX, run_training
 from npu_sft.training.errors import DevicesStillBusy, TrainingFailed
 from npu_sft.training.failures import Failure, FailureKind, classify_failure
 from npu_sft.training.figures import estimated_train_tokens_per_epoch, run_figures
+from npu_sft.training.launch import distributed_launch, launch_env
 from npu_sft.training.models import Attempt, TrainingResult
 from npu_sft.training.outputs import collect_adapter, evaluation_results, read_results
 from npu_sft.training.retry import RetryPolicy
@@ -37,6 +38,7 @@ __all__ = [
     "TrainingSettings",
     "classify_failure",
     "collect_adapter",
+    "distributed_launch",
     "estimated_train_tokens_per_epoch",
     "evaluation_results",
     "launch_env",

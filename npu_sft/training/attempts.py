@@ -82,16 +82,6 @@ class CommandRunner(Protocol):
 
 
 
-def launch_env(device_kind: str) -> dict[str, str]:
-    """Variables every training launch gets on top of the device lease's."""
-    env = {"RECORD_VRAM": "1"}  # LLaMA-Factory then logs the device allocator's peak with every step
-    if device_kind == "cpu":
-        # Under torchrun accelerate names the CPU "cpu:0", and torch.load(map_location="cpu:0") cannot restore the
-        # optimizer state of a checkpoint: resuming would fail. Plain "cpu" is the same device.
-        env["ACCELERATE_TORCH_DEVICE"] = "cpu"
-    return env
-
-
 def _attempt_config(config_file: Path, number: int, resume: ResumePoint) -> Path:
     """The engine config of attempt `number`: the run's config, plus where to resume from."""
     if number == 1 and resume.checkpoint is None:

@@ -1,19 +1,15 @@
-"""The serve flow's pieces that need no engine: registry lookups, adapter download, API key and port checks."""
+"""Registered adapter versions: lookups by version, alias and run, the adapter download, version tags."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
 from npu_sft import registry
 from npu_sft.adapter_model import AdapterFacts, log_adapter_model
-from npu_sft.api_service import API_KEY_VAR, check_port_free, load_api_key
 from npu_sft.publishing import register_version
 from npu_sft.registry import RegistryError
-from npu_sft.serve_settings import ServeSettings
-from npu_sft.serving import ServeError
 from npu_sft.settings import MlflowSettings
 from npu_sft.tracking import RunTracker, client_for
 
@@ -87,22 +83,3 @@ def test_tagging_a_version(store: MlflowSettings) -> None:
     registry.tag_version(store, MODEL, "2", "npu_sft.smoke_reply", "hello")
     version = client_for(store).get_model_version(MODEL, "2")
     assert version.tags["npu_sft.smoke_reply"] == "hello"
-
-
-def test_keep_serving_needs_a_real_api_key() -> None:
-    everywhere = ServeSettings(host="0.0.0.0")
-    with pytest.raises(ServeError, match=rf"^serving on 0.0.0.0 needs an API key: {API_KEY_VAR} in the worker"):
-        load_api_key(everywhere, {})
-    with pytest.raises(ServeError, match="at least 16 characters"):
-        load_api_key(everywhere, {API_KEY_VAR: "short"})
-    assert load_api_key(everywhere, {API_KEY_VAR: "k" * 32}) == "k" * 32
-    with pytest.raises(ServeError, match=API_KEY_VAR):
-        load_api_key(ServeSettings(), {})  # loopback too: any local user could reach it
-
-
-def test_a_taken_port_is_refused() -> None:
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        with pytest.raises(ServeError, match="in use"):
-            check_port_free("127.0.0.1", holder.getsockname()[1])

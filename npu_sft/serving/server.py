@@ -1,8 +1,8 @@
-"""LLaMA-Factory's OpenAI-compatible API: start it on loopback behind an API key, ask it one question, stop it."""
+"""LLaMA-Factory's OpenAI-compatible API server: the model it serves, started for a `with` block, ready when
+`/v1/models` answers, asked one question, stopped on the way out."""
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -12,26 +12,20 @@ from pathlib import Path
 import httpx
 
 from npu_sft import process
+from npu_sft.devices import Lease
 from npu_sft.engine import EngineSettings, ServedModel, api_server_command
-from npu_sft.errors import NpuSftError
+from npu_sft.serving.errors import ServeError
 from npu_sft.settings import Pipeline, ServeSettings
 
 
-class ServeError(NpuSftError, RuntimeError):
-    """The API server did not start, or did not answer as it should; the message ends with its log."""
-
-
-@dataclass(frozen=True)
-class SmokeResult:
-    reply: str
-    model: str
-    startup_s: float
-    latency_s: float
-
-
-def served_model(pipeline: Pipeline, name: str, base_model: Path, adapter: Path) -> ServedModel:
+def served_model(pipeline: Pipeline, name: str, base_model: Path | str, adapter: Path | str) -> ServedModel:
     """The adapter on its base model with the training's chat template, listed as `name`."""
     return ServedModel(name, str(base_model), str(adapter), str(pipeline.llamafactory.get("template", "default")))
+
+
+def serve_device_env(settings: ServeSettings, lease: Lease) -> dict[str, str]:
+    """The server's environment on its leased devices: the lease's visible devices and the backend's own variables."""
+    return {**lease.env(), **settings.backend_env(lease.kind)}
 
 
 def wait_until_ready(server: process.BackgroundProcess, base_url: str, api_key: str, timeout_s: float) -> float:
@@ -91,34 +85,3 @@ def api_server(
     with process.start_background(command.argv, env=command.env, log_file=log_file) as server:
         startup_s = wait_until_ready(server, base_url, api_key, settings.startup_timeout_s)
         yield RunningServer(server, base_url, startup_s)
-
-
-def smoke_test(
-    engine: EngineSettings,
-    settings: ServeSettings,
-    model: ServedModel,
-    *,
-    device_env: Mapping[str, str],
-    port: int,
-    log_file: Path,
-) -> SmokeResult:
-    """Serve the adapter, check a wrong key is refused and `/v1/models` names it, get one non-empty chat
-    completion, stop the server. Raises ServeError when any of that does not happen."""
-    api_key = secrets.token_urlsafe(24)  # per launch, never logged or stored
-    with api_server(
-        engine, settings, model, device_env=device_env, port=port, api_key=api_key, log_file=log_file
-    ) as running:
-        base_url = running.base_url
-        unauthorized = httpx.get(f"{base_url}/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=5)
-        models = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=5).json()
-        listed = [card["id"] for card in models["data"]]
-        started = time.monotonic()
-        reply = chat_once(base_url, api_key, model.name, settings.prompt, settings.max_tokens)
-        latency_s = time.monotonic() - started
-    if unauthorized.status_code != 401:
-        raise ServeError(f"the API server accepted a wrong API key (HTTP {unauthorized.status_code})")
-    if listed != [model.name]:
-        raise ServeError(f"the API server lists {listed} at /v1/models, not {model.name!r}")
-    if not reply.strip():
-        raise ServeError(f"the API server answered {settings.prompt!r} with an empty reply")
-    return SmokeResult(reply, model.name, running.startup_s, latency_s)

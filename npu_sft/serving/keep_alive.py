@@ -1,6 +1,6 @@
 """LLaMA-Factory's OpenAI-compatible API as a long-running service (the `serve` flow with keep_serving=True).
 
-The smoke test in serving.py starts, checks and stops a server; this keeps one up until the flow run is cancelled
+The smoke check (smoke.py) starts, checks and stops a server; this keeps one up until the flow run is cancelled
 (Prefect's SIGTERM unwinds the `with`, which stops the server's whole process group) or the server dies.
 """
 
@@ -12,33 +12,11 @@ from pathlib import Path
 
 from npu_sft.engine import EngineSettings, ServedModel
 from npu_sft.ports import port_is_free
-from npu_sft.secret_blocks import SecretBlockError, read_secret_block
-from npu_sft.serving import ServeError, api_server
+from npu_sft.serving.errors import ServeError
+from npu_sft.serving.server import api_server
 from npu_sft.settings import ServeSettings
 
-API_KEY_VAR = "NPU_SFT_API_KEY"  # the key clients send; set in the worker's environment, never in a config file
-MIN_API_KEY_LENGTH = 16
 HEALTH_INTERVAL_S = 10.0
-
-
-def load_api_key(settings: ServeSettings, environ: Mapping[str, str]) -> str:
-    """The key clients must send: the Prefect Secret block `serve.api_key_secret` names, else the worker's
-    NPU_SFT_API_KEY. Never a flow parameter or a config value: those are stored and shown in the UIs."""
-    if settings.api_key_secret:
-        where = f"the Prefect Secret block {settings.api_key_secret!r} (serve.api_key_secret)"
-        try:
-            key = read_secret_block(settings.api_key_secret, "serve.api_key_secret")
-        except SecretBlockError as err:
-            raise ServeError(str(err)) from None
-    else:
-        where = f"{API_KEY_VAR} in the worker's environment (or name a Prefect Secret block in serve.api_key_secret)"
-        key = environ.get(API_KEY_VAR, "")
-    if len(key) < MIN_API_KEY_LENGTH:
-        raise ServeError(
-            f"serving on {settings.host} needs an API key: {where} must hold the key clients will use (at least "
-            f"{MIN_API_KEY_LENGTH} characters); LLaMA-Factory's API server accepts anyone without one"
-        )
-    return key
 
 
 def check_port_free(host: str, port: int) -> None:
