@@ -21,9 +21,13 @@ def repo() -> Path:
 
 @pytest.fixture(scope="session")
 def engine_python() -> Path:
-    """The engine env made by scripts/setup-envs (`make test` runs it first)."""
+    """The engine env made by scripts/setup-envs (`make test` runs it first). Without it the tests that need it are
+    skipped, saying so, except under CI, where a suite passed by skipping would hide the missing coverage."""
     if not ENGINE_PYTHON.exists():
-        raise RuntimeError(f"{ENGINE_PYTHON} missing: run scripts/setup-envs (make test does) before the tests")
+        reason = f"{ENGINE_PYTHON} missing: run scripts/setup-envs (make test does) to run the tests that need the engine"
+        if os.environ.get("CI"):
+            raise RuntimeError(reason)
+        pytest.skip(reason)
     return ENGINE_PYTHON
 
 

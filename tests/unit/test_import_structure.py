@@ -1,5 +1,6 @@
 """The import graph of the project's own packages has no cycle, lazy (in-function) imports included: a cycle makes
-the import order matter and hides which module owns what."""
+the import order matter and hides which module owns what. A package's `__init__` counts as imported by whoever
+imports one of its modules from outside it, as Python runs it first."""
 
 from __future__ import annotations
 
@@ -31,7 +32,17 @@ def import_graph() -> dict[str, set[str]]:
                 imported.update([node.module, *(f"{node.module}.{alias.name}" for alias in node.names)])
             elif isinstance(node, ast.Import):
                 imported.update(alias.name for alias in node.names)
-        graph[name] = {target for target in imported if target in modules and target != name}
+        targets = {target for target in imported if target in modules and target != name}
+        # Importing `a.b.c` runs `a/b/__init__.py` first, unless the importer is inside `a.b` (then it already runs).
+        parents = {
+            ".".join(target.split(".")[:depth])
+            for target in targets
+            for depth in range(1, target.count(".") + 1)
+        }
+        graph[name] = targets | {
+            parent for parent in parents
+            if parent in modules and parent != name and not name.startswith(f"{parent}.")
+        }
     return graph
 
 

@@ -1,4 +1,4 @@
-"""Pushing an adapter with the real `modelscope` hub client to the local hub stand-in (tests/hub_uploads.py)."""
+"""Pushing an adapter with the real `modelscope` hub client to the local hub stand-in (tests/fakes/hub_uploads.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from npu_sft.publishing import register_version
 from npu_sft.push_settings import ModelScopePushSettings
 from npu_sft.settings import MlflowSettings
 from npu_sft.tracking import RunTracker, client_for
-from tests.hub_standin import HubStandIn
+from tests.fakes.hub_standin import HubStandIn
 
 TOKEN = "ms-write-token-0123456789"
 REPO = "team/tiny-qwen2-lora"

@@ -8,7 +8,7 @@ import pytest
 
 from npu_sft.engine import EngineSettings
 from npu_sft.evaluation import EvalSettings, Scores, predict_config, read_scores, score_base_model
-from tests.unit.test_evaluation_predict import write_predict_outputs
+from tests.unit.evaluation.test_predict import write_predict_outputs
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The upload side of the hub stand-in (tests/hub_standin.py): what `HubApi.create_repo` and `HubApi.upload_folder`
+"""The upload side of the hub stand-in (tests/fakes/hub_standin.py): what `HubApi.create_repo` and `HubApi.upload_folder`
 send (modelscope-hub 0.5, `_legacy_api.py` and `_upload.py`):
 
     POST /api/v1/models                                                 create (Path, Name, Visibility, License)
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tests.hub_standin import _HubRequestHandler
+    from tests.fakes.hub_standin import _HubRequestHandler
 
 ALREADY_REGISTERED_CODE = 10010101001
 BLOB_PREFIX = "/lfs-upload/"
@@ -70,7 +70,7 @@ def _authorized(handler: _HubRequestHandler, uploads: Uploads) -> bool:
 
 
 def _create_repo(handler: _HubRequestHandler, uploads: Uploads, request: dict[str, Any]) -> None:
-    from tests.hub_standin import Repo
+    from tests.fakes.hub_standin import Repo
 
     repo_id = f"{request['Path']}/{request['Name']}"
     if ("model", repo_id) in handler.standin.repos:

@@ -1,5 +1,5 @@
 """Resolving a branch or tag to its commit from what the hub reports (npu_sft/download/commits.py), with the real
-`modelscope` client against the hub stand-in, which answers in the shapes modelscope.cn uses (tests/hub_standin.py)."""
+`modelscope` client against the hub stand-in, which answers in the shapes modelscope.cn uses (tests/fakes/hub_standin.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from npu_sft.download import (
     download_model,
 )
 from npu_sft.download.commits import parse_ref_advertisement
-from tests.hub_standin import HubStandIn
+from tests.fakes.hub_standin import HubStandIn
 
 MODEL_ID = "qwen/Tiny-Qwen"
 DATASET_ID = "team/tiny-data"

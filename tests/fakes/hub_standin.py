@@ -28,7 +28,7 @@ advertisement is git's smart-HTTP protocol (pkt-lines; an annotated tag is follo
 the clone URL modelscope-hub builds (`{endpoint}/{type}s/{repo_id}.git`).
 `disable("commits")` / `disable("git")` answer those routes with 404, as a hub without them would.
 
-Uploads (`create_repo`, `upload_folder`) are served by tests/hub_uploads.py, for tokens given to `accept_token`.
+Uploads (`create_repo`, `upload_folder`) are served by tests/fakes/hub_uploads.py, for tokens given to `accept_token`.
 
 A revision is a branch, a tag or a commit id. Unknown repositories and revisions get the hub's 404 envelope.
 Faults, for resilience tests: `cut_transfer` (close the connection part-way through a file), `throttle` (serve a
@@ -51,7 +51,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from tests.hub_uploads import Uploads, handle_write
+from tests.fakes.hub_uploads import Uploads, handle_write
 
 NOT_FOUND_CODE = 10010205001
 _REPO_PATH = re.compile(r"^/api/v1/(?P<segment>models|datasets)/(?P<owner>[^/]+)/(?P<name>[^/]+)(?P<rest>/.*)?$")

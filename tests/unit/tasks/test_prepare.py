@@ -21,7 +21,7 @@ from npu_sft.settings import load_pipeline
 from npu_sft.tracking import RunTracker
 from tasks.prepare import STATS_ARTIFACT_KEY, download_datasets, prepare_data, record_datasets
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "tiny_cpu.yaml"
 
 
 async def read_artifacts() -> list[Any]:

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from npu_sft.evaluation import SAMPLES_TABLE, Baseline, Evaluation, Scores, record_evaluation, sample_rows
-from tests.unit.test_evaluation_predict import write_predict_outputs
+from tests.unit.evaluation.test_predict import write_predict_outputs
 
 
 def scores(tmp_path: Path, name: str, rouge_l: float, answers: list[str]) -> Scores:

@@ -29,8 +29,8 @@ from npu_sft.download import (
     log_manifest,
 )
 from tasks.download import artifact_key, download_cache_key, download_model_task
-from tests.hub_standin import HubStandIn
-from tests.unit.test_download import MODEL_ID, WEIGHTS, tiny_model_files
+from tests.fakes.hub_standin import HubStandIn
+from tests.unit.download.test_core import MODEL_ID, WEIGHTS, tiny_model_files
 
 LISTING = f"/api/v1/models/{MODEL_ID}/repo/files"
 

@@ -1,4 +1,4 @@
-"""download_model with the real `modelscope` client against a local stand-in of the hub (tests/hub_standin.py)."""
+"""download_model with the real `modelscope` client against a local stand-in of the hub (tests/fakes/hub_standin.py)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from npu_sft.download import (
 )
 from npu_sft.download.locking import repo_download_lock, repo_lock_path
 from npu_sft.download.manifest import RECORD_FILE_NAME
-from tests.hub_standin import HubStandIn
+from tests.fakes.hub_standin import HubStandIn
 
 MODEL_ID = "qwen/Tiny-Qwen"
 WEIGHTS = "model.safetensors"
