@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from bench_train_overhead import REPO, free_port, generate_config
 from npu_sft.devices import DeviceSettings, lease_devices
 from npu_sft.engine import EngineSettings, ServedModel, api_server_command
 from npu_sft.process import start_background
-from npu_sft.serving import api_server, wait_until_ready
+from npu_sft.serving import ServerSpec, api_server, wait_until_ready
 from npu_sft.settings import ServeSettings
 
 MODEL_NAME = "bench-adapter:v1"
@@ -87,15 +86,11 @@ def pipeline_server(
 ) -> Iterator[str]:
     devices = DeviceSettings(kind="cpu", cpu_virtual_devices=2, serve=1, state_dir=work / "leases")
     with lease_devices(devices, task="serve") as lease:
-        with api_server(
-            engine,
-            ServeSettings(max_concurrent=max_concurrent),
-            model,
-            device_env=lease.env(),
-            port=free_port(),
-            api_key=api_key,
-            log_file=work / f"pipeline-{max_concurrent}.serve.log",
-        ) as running:
+        spec = ServerSpec(
+            engine, ServeSettings(max_concurrent=max_concurrent), model, lease.env(), free_port(),
+            work / f"pipeline-{max_concurrent}.serve.log",
+        )
+        with api_server(spec, api_key) as running:
             yield running.base_url
 
 

@@ -16,6 +16,7 @@ from npu_sft.engine import served_name
 from npu_sft.registry import RegisteredAdapter
 from npu_sft.serving import (
     API_KEY_VAR,
+    ServerSpec,
     load_api_key,
     serve_device_env,
     serve_until_stopped,
@@ -70,16 +71,11 @@ def serve_until_cancelled(pipeline: Pipeline, model_path: Path, adapter: Registe
 
     with lease_devices(settings.devices, task="serve", flow_run_id=flow_run.get_id(), on_wait=logger.info) as lease:
         try:
-            serve_until_stopped(
-                settings.engine,
-                settings.serve,
-                model,
-                device_env=serve_device_env(settings.serve, lease),
-                port=port,
-                api_key=api_key,
-                log_file=_serve_log(pipeline),
-                on_ready=announce,
+            spec = ServerSpec(
+                settings.engine, settings.serve, model, serve_device_env(settings.serve, lease), port,
+                _serve_log(pipeline),
             )
+            serve_until_stopped(spec, api_key=api_key, on_ready=announce)
         finally:  # also when the run is cancelled: Prefect's SIGTERM unwinds this frame
             if announced:
                 registry.mark_stopped(settings.mlflow, adapter.name, adapter.version)

@@ -11,8 +11,8 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -84,6 +84,12 @@ class Lease:
         locks, self._locks = self._locks, None
         if locks is not None:
             locks.close()
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 def _describe_request(request: DeviceRequest, kind: DeviceKind) -> str:
@@ -312,33 +318,9 @@ def _finish_lease(
     )
 
 
-@contextmanager
-def lease_devices(
-    settings: DeviceSettings,
-    task: str,
-    flow_run_id: str | None = None,
-    on_wait: WaitCallback | None = None,
-    *,
-    environ: Mapping[str, str] | None = None,
-    run_command: CommandRunner = run_probe,
-    npu_count_probe: NpuCountProbe | None = None,
-    poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
-) -> Iterator[Lease]:
-    """`with lease_devices(settings, task="train", flow_run_id=..., on_wait=log.info) as lease: ...`"""
-    lease = acquire_lease(
-        settings,
-        task,
-        flow_run_id,
-        on_wait,
-        environ=environ,
-        run_command=run_command,
-        npu_count_probe=npu_count_probe,
-        poll_interval_s=poll_interval_s,
-    )
-    try:
-        yield lease
-    finally:
-        lease.release()
+# `with lease_devices(settings, task="train", flow_run_id=..., on_wait=log.info) as lease: ...`: a Lease is its own
+# context manager, given back when the block ends however it ends.
+lease_devices = acquire_lease
 
 
 def lease_history(settings: DeviceSettings) -> list[LeaseEvent]:

@@ -7,6 +7,7 @@ from npu_sft.serving.errors import ServeError
 from npu_sft.serving.keep_alive import check_port_free, serve_until_stopped
 from npu_sft.serving.server import (
     RunningServer,
+    ServerSpec,
     api_server,
     chat_once,
     serve_device_env,
@@ -19,6 +20,7 @@ __all__ = [
     "API_KEY_VAR",
     "RunningServer",
     "ServeError",
+    "ServerSpec",
     "SmokeResult",
     "api_server",
     "chat_once",

@@ -7,14 +7,11 @@ The smoke check (smoke.py) starts, checks and stops a server; this keeps one up 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 
-from npu_sft.engine import EngineSettings, ServedModel
 from npu_sft.ports import port_is_free
 from npu_sft.serving.errors import ServeError
-from npu_sft.serving.server import api_server
-from npu_sft.settings import ServeSettings
+from npu_sft.serving.server import ServerSpec, api_server
 
 HEALTH_INTERVAL_S = 10.0
 
@@ -25,22 +22,15 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def serve_until_stopped(
-    engine: EngineSettings,
-    settings: ServeSettings,
-    model: ServedModel,
+    spec: ServerSpec,
     *,
-    device_env: Mapping[str, str],
-    port: int,
     api_key: str,
-    log_file: Path,
     on_ready: Callable[[str], None],
     health_interval_s: float = HEALTH_INTERVAL_S,
 ) -> None:
     """Serve until interrupted; raises ServeError if the server fails to start or exits on its own."""
-    check_port_free(settings.host, port)
-    with api_server(
-        engine, settings, model, device_env=device_env, port=port, api_key=api_key, log_file=log_file
-    ) as running:
+    check_port_free(spec.settings.host, spec.port)
+    with api_server(spec, api_key) as running:
         on_ready(running.base_url)
         server = running.process
         while True:

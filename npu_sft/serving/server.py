@@ -62,6 +62,23 @@ def chat_once(base_url: str, api_key: str, model: str, prompt: str, max_tokens: 
 
 
 @dataclass(frozen=True)
+class ServerSpec:
+    """One API server: what it serves, with which engine and settings, on which devices and port, logging where.
+    Built once, then handed as it is to the smoke check, the keep-alive loop or a benchmark."""
+
+    engine: EngineSettings
+    settings: ServeSettings
+    model: ServedModel
+    device_env: Mapping[str, str]
+    port: int
+    log_file: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.settings.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class RunningServer:
     process: process.BackgroundProcess
     base_url: str
@@ -69,19 +86,11 @@ class RunningServer:
 
 
 @contextmanager
-def api_server(
-    engine: EngineSettings,
-    settings: ServeSettings,
-    model: ServedModel,
-    *,
-    device_env: Mapping[str, str],
-    port: int,
-    api_key: str,
-    log_file: Path,
-) -> Iterator[RunningServer]:
-    """LLaMA-Factory's API server, answering on `settings.host:port`, for the `with` block; stopped on the way out."""
-    command = api_server_command(engine, model, settings, port=port, api_key=api_key, env=device_env)
-    base_url = f"http://{settings.host}:{port}"
-    with process.start_background(command.argv, env=command.env, log_file=log_file) as server:
-        startup_s = wait_until_ready(server, base_url, api_key, settings.startup_timeout_s)
-        yield RunningServer(server, base_url, startup_s)
+def api_server(spec: ServerSpec, api_key: str) -> Iterator[RunningServer]:
+    """LLaMA-Factory's API server, answering at `spec.base_url`, for the `with` block; stopped on the way out."""
+    command = api_server_command(
+        spec.engine, spec.model, spec.settings, port=spec.port, api_key=api_key, env=spec.device_env
+    )
+    with process.start_background(command.argv, env=command.env, log_file=spec.log_file) as server:
+        startup_s = wait_until_ready(server, spec.base_url, api_key, spec.settings.startup_timeout_s)
+        yield RunningServer(server, spec.base_url, startup_s)

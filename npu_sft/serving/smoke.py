@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from npu_sft.devices import lease_devices
-from npu_sft.engine import EngineSettings, ServedModel
+from npu_sft.engine import ServedModel
 from npu_sft.serving.errors import ServeError
-from npu_sft.serving.server import api_server, chat_once, serve_device_env
-from npu_sft.settings import Pipeline, ServeSettings
+from npu_sft.serving.server import ServerSpec, api_server, chat_once, serve_device_env
+from npu_sft.settings import Pipeline
 
 
 @dataclass(frozen=True)
@@ -26,21 +26,12 @@ class SmokeResult:
     latency_s: float
 
 
-def smoke_test(
-    engine: EngineSettings,
-    settings: ServeSettings,
-    model: ServedModel,
-    *,
-    device_env: Mapping[str, str],
-    port: int,
-    log_file: Path,
-) -> SmokeResult:
+def smoke_test(spec: ServerSpec) -> SmokeResult:
     """Serve the adapter, check a wrong key is refused and `/v1/models` names it, get one non-empty chat
     completion, stop the server. Raises ServeError when any of that does not happen."""
+    settings, model = spec.settings, spec.model
     api_key = secrets.token_urlsafe(24)  # per launch, never logged or stored
-    with api_server(
-        engine, settings, model, device_env=device_env, port=port, api_key=api_key, log_file=log_file
-    ) as running:
+    with api_server(spec, api_key) as running:
         base_url = running.base_url
         unauthorized = httpx.get(f"{base_url}/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=5)
         models = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=5).json()
@@ -69,10 +60,8 @@ def smoke_test_on_lease(
     settings = pipeline.settings
     with lease_devices(settings.devices, task="serve", flow_run_id=flow_run_id, on_wait=on_wait) as lease:
         return smoke_test(
-            settings.engine,
-            settings.serve,
-            model,
-            device_env=serve_device_env(settings.serve, lease),
-            port=lease.master_port,
-            log_file=log_file,
+            ServerSpec(
+                settings.engine, settings.serve, model, serve_device_env(settings.serve, lease), lease.master_port,
+                log_file,
+            )
         )

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from npu_sft.devices import DeviceSettings, current_leases, lease_history
 from npu_sft.engine import EngineSettings, ServedModel
 from npu_sft.run_summary import mlflow_experiment_url, mlflow_run_url
-from npu_sft.serving import api_server
+from npu_sft.serving import ServerSpec, api_server
 from npu_sft.settings import ServeSettings
 
 pytestmark = pytest.mark.e2e
@@ -390,7 +390,7 @@ def test_an_engine_behind_docker_exec_gets_the_api_key_in_no_command_line(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log_file = tmp_path / "serve.log"
-    with api_server(engine, ServeSettings(), model, device_env={}, port=port, api_key=key, log_file=log_file) as running:
+    with api_server(ServerSpec(engine, ServeSettings(), model, {}, port, log_file), key) as running:
         command_lines = _command_lines()
         served = [card["id"] for card in httpx.get(
             f"{running.base_url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5
