@@ -115,6 +115,7 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
                 policy=RetryPolicy.from_settings(settings.training),
                 device_ids=lease.ids,
                 device_probe=processes_on_devices if lease.kind == "npu" else None,
+                device_kind=lease.kind,
                 logged_steps=run.tracker.logged_steps(STEP_METRIC_KEYS),
             )
         except TrainingFailed as failed:

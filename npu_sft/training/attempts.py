@@ -48,6 +48,7 @@ from npu_sft.training.completion import (
 )
 from npu_sft.training.errors import DevicesStillBusy, TrainingFailed
 from npu_sft.training.failures import Failure, FailureKind, classify_failure
+from npu_sft.training.guards import RunGuard
 from npu_sft.training.models import Attempt, TrainingResult
 from npu_sft.training.rank_memory import RankMemorySampler
 from npu_sft.training.retry import DeviceProbe, RetryPolicy, wait_before_retry
@@ -127,7 +128,7 @@ class _AttemptOutput:
     completed: process.CompletedCommand
     records: list[dict[str, Any]]
     peak_rss_kib: int | None
-    stall: str | None = None  # why the watchdog stopped it
+    stopped: tuple[FailureKind, str] | None = None  # why the watchdog or a guard stopped it
 
 
 def _run_attempt(
@@ -137,6 +138,7 @@ def _run_attempt(
     sampler: RankMemorySampler,
     ledger: StepLedger,
     watchdog: ProgressWatchdog,
+    guard: RunGuard,
     config_file: Path,
     log_file: Path,
     stacks_file: Path,
@@ -147,11 +149,16 @@ def _run_attempt(
     poll_interval_s: float,
 ) -> _AttemptOutput:
     """One torchrun attempt to its end, its trainer log followed (and its ranks' memory sampled) from a thread,
-    which also stops the attempt's process group when the watchdog finds it stalled."""
+    which also stops the attempt's process group when the watchdog finds it stalled or a guard finds it hopeless."""
     records: list[dict[str, Any]] = []
     stop = threading.Event()
-    stalled: list[str] = []
-    lock = threading.Lock()  # the watchdog hears output lines from this thread and steps from the follower's
+    stopped: list[tuple[FailureKind, str]] = []
+    lock = threading.Lock()  # watchdog and guard hear output lines from this thread and records from the follower's
+
+    def stop_for(verdict: tuple[FailureKind, str]) -> None:
+        if not stop.is_set():
+            stopped.append(verdict)
+            stop.set()
 
     def poll() -> None:
         sampler.sample()
@@ -166,18 +173,25 @@ def _run_attempt(
         with lock:
             if any("current_steps" in record for record in new):
                 watchdog.stepped()
+            verdict = guard.saw_records(new)
+            if verdict is not None:
+                stop_for(verdict)
             stall = None if stop.is_set() else watchdog.stall()
         if stall is not None:
             before = rank_states(config_file)
             time.sleep(STALL_SAMPLE_S)  # CPU time spent between two looks tells a stuck rank from a busy one
             after = rank_states(config_file)
             # Before the ranks are killed: where each one is waiting is the first thing to look at.
-            stalled.append(f"{stall}; {stalled_ranks(before, after)}; {dump_rank_stacks(after, stacks_file)}")
-            stop.set()
+            with lock:
+                stop_for((FailureKind.STALLED,
+                          f"{stall}; {stalled_ranks(before, after)}; {dump_rank_stacks(after, stacks_file)}"))
 
     def hear(line: str) -> None:
         with lock:
             watchdog.saw_line(line)
+            verdict = guard.saw_line(line)
+            if verdict is not None:
+                stop_for(verdict)
         on_line(line)
 
     finished = threading.Event()
@@ -187,7 +201,7 @@ def _run_attempt(
     finally:
         finished.set()
         thread.join()
-    return _AttemptOutput(completed, records, sampler.peak_kib, stalled[0] if stalled else None)
+    return _AttemptOutput(completed, records, sampler.peak_kib, stopped[0] if stopped else None)
 
 
 def _finish_from_final_checkpoint(
@@ -237,6 +251,7 @@ def run_training(
     policy: RetryPolicy = RetryPolicy(),
     device_ids: Sequence[int] = (),
     device_probe: DeviceProbe | None = None,
+    device_kind: str | None = None,
     logged_steps: Mapping[str, int] | None = None,
     run_command: CommandRunner = process.run_streaming,
     sleep: Callable[[float], None] = time.sleep,
@@ -248,7 +263,8 @@ def run_training(
     `on_metrics` gets each logged step's metrics once (never a step twice, across attempts; `logged_steps` names
     steps logged before this call, e.g. by an earlier run of the same task). `on_event` gets this function's own
     messages (retries, resume points); engine output goes to `on_line`. `device_probe` (npu-smi on NPU hosts) lists
-    the processes on `device_ids`, to confirm a failed attempt has left the cards before the next one starts.
+    the processes on `device_ids`, to confirm a failed attempt has left the cards before the next one starts;
+    `device_kind` (the lease's) lets a guard stop an attempt whose ranks run on another device type.
 
     With nnodes > 1 every node must resume from the same checkpoint, so the output dir must be on storage all nodes
     share (or the config must set `save_on_each_node: true`).
@@ -292,6 +308,7 @@ def run_training(
             sampler=RankMemorySampler(attempt_config),
             ledger=ledger,
             watchdog=ProgressWatchdog(policy.stall, clock, settle_s=2 * poll_interval_s),
+            guard=RunGuard(policy.guards, device_kind),
             config_file=attempt_config,
             log_file=log_file,
             stacks_file=log_file.with_name(f"{STALL_STACKS_PREFIX}{number}.txt"),
@@ -306,8 +323,8 @@ def run_training(
             peak_rss_kib = max(peak_rss_kib or 0, output.peak_rss_kib)
         completed = output.completed
         failure = None if completed.ok else classify_failure(completed.tail, completed.returncode)
-        if output.stall is not None:
-            failure = Failure(FailureKind.STALLED, output.stall, completed.returncode)
+        if output.stopped is not None:
+            failure = Failure(*output.stopped, completed.returncode)
         exit_crash = None
         if failure is not None and not final_output_problems(output_dir, expects_eval=expects_evaluation(run_config)):
             # The work is done and on disk; the processes died on the way out (HCCL/gloo teardown).

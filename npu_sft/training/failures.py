@@ -18,6 +18,8 @@ class FailureKind(str, Enum):
     DEVICE_BUSY = "device_busy"
     CRASHED = "crashed"
     STALLED = "stalled"  # no progress within the phase's deadline: stopped by the watchdog (npu_sft.training.stall)
+    DIVERGED = "diverged"  # NaN, infinite or zero loss, step after step: stopped by a guard (npu_sft.training.guards)
+    WRONG_DEVICE = "wrong_device"  # a rank on the CPU under an NPU or GPU lease: stopped by a guard
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class Failure:
             FailureKind.DEVICE_BUSY: "found the cards still held by a previous training process (HCCL)",
             FailureKind.CRASHED: "crashed",
             FailureKind.STALLED: "stalled and was stopped",
+            FailureKind.DIVERGED: "diverged and was stopped",
+            FailureKind.WRONG_DEVICE: "ran on the wrong device and was stopped",
         }[self.kind]
 
 

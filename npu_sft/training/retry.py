@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from npu_sft.devices import DeviceProcess
 from npu_sft.training.errors import DevicesStillBusy
 from npu_sft.training.failures import Failure, FailureKind
-from npu_sft.training.settings import StallSettings, TrainingSettings
+from npu_sft.training.settings import GuardSettings, StallSettings, TrainingSettings
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class RetryPolicy:
     device_release_timeout_s: float = 600.0
     device_poll_s: float = 5.0
     stall: StallSettings = field(default_factory=StallSettings)
+    guards: GuardSettings = field(default_factory=GuardSettings)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -32,6 +33,7 @@ class RetryPolicy:
             device_settle_s=settings.device_settle_s,
             device_release_timeout_s=settings.device_release_timeout_s,
             stall=settings.stall,
+            guards=settings.guards,
         )
 
 

@@ -1,4 +1,4 @@
-"""The pipeline config's `training:` section: attempts, retries, multi-node launch and the stall watchdog."""
+"""The pipeline config's `training:` section: attempts, retries, multi-node launch, the stall watchdog, the guards."""
 
 from __future__ import annotations
 
@@ -21,6 +21,15 @@ class StallSettings(_Strict):
     phase_s: float = Field(3600.0, gt=0, description="an evaluation or a checkpoint save")
 
 
+class GuardSettings(_Strict):
+    """`training.guards`: an attempt that can only waste its devices is stopped at once and not retried."""
+
+    enabled: bool = True
+    diverged_steps: int = Field(
+        3, ge=1, description="logged steps in a row with a NaN, infinite or zero loss that stop the run as diverged"
+    )
+
+
 class TrainingSettings(_Strict):
     nnodes: int = Field(1, ge=1)
     node_rank: int = Field(0, ge=0)
@@ -38,3 +47,4 @@ class TrainingSettings(_Strict):
         600.0, gt=0, description="how long to wait for a previous training's processes to leave the cards"
     )
     stall: StallSettings = Field(default_factory=StallSettings)
+    guards: GuardSettings = Field(default_factory=GuardSettings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -26,6 +27,7 @@ from npu_sft.engine import EngineSettings, ServedModel
 from npu_sft.run_summary import mlflow_experiment_url, mlflow_run_url
 from npu_sft.serving import ServerSpec, api_server
 from npu_sft.settings import ServeSettings
+from tests.fakes.devices import FAKE_BIN
 
 pytestmark = pytest.mark.e2e
 
@@ -262,6 +264,55 @@ def test_failed_training_releases_its_devices_and_fails_the_mlflow_run(tmp_path:
     runs = client.search_runs([client.get_experiment_by_name("sft-broken").experiment_id])
     assert [run.info.status for run in runs] == ["FAILED"]
     assert "training failed" in runs[0].data.tags["npu_sft.end_reason"]  # why, in the runs table's tag column
+
+
+def test_a_diverged_loss_stops_the_run_after_the_configured_steps_attempted_once(tmp_path: Path,
+                                                                                 engine_python: Path) -> None:
+    # An infinite learning rate turns every LoRA weight NaN after the first step; from then on LLaMA-Factory logs
+    # loss 0 with grad_norm nan, step after step, as 910B runs with a broken kernel or dtype do (LLaMA-Factory #3344).
+    completed = run_cli(
+        tmp_path, "demo", "--set", f"engine.python={engine_python}", "--set", f"devices.state_dir={tmp_path / 'leases'}",
+        "--set", "llamafactory.overrides.learning_rate=.inf", "--set", "training.guards.diverged_steps=4",
+        "--set", "mlflow.experiment=sft-diverged",
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 1
+    verdict = ("training failed after 1 attempt(s) (not retryable): diverged and was stopped: loss 0 at logged steps "
+               "4, 6, 8, 10 (4 in a row, from step 4)")
+    assert f"npu-sft: error: {verdict}" in output
+    assert "training attempt 2/" not in output  # attempted once
+    assert live_leases(tmp_path / "leases") == []
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("sft-diverged").experiment_id])
+    assert run.info.status == "FAILED"
+    assert verdict in run.data.tags["npu_sft.end_reason"]
+    # The loss curve in MLflow shows the collapse that stopped it.
+    assert [metric.value for metric in client.get_metric_history(run.info.run_id, "loss")][1:4] == [0.0, 0.0, 0.0]
+
+
+def test_ranks_on_the_cpu_under_an_npu_lease_stop_the_run_in_seconds_naming_the_rank(tmp_path: Path,
+                                                                                     engine_python: Path) -> None:
+    # An Ascend host as npu-smi shows it (the seeds' 8 x 910B3, idle), and an engine env without torch-npu: the case
+    # of LLaMA-Factory #4159 / #6461, where training goes on for days on the CPU while the NPUs idle.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "npu-smi").symlink_to(FAKE_BIN / "npu-smi")
+    completed = run_cli(
+        tmp_path, "demo", "--set", f"engine.python={engine_python}", "--set", f"devices.state_dir={tmp_path / 'leases'}",
+        "--set", "devices.kind=npu", "--set", "mlflow.experiment=sft-wrong-device",
+        env={"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "FAKE_NPU_SMI_FIXTURE": "8x910B3_idle"},
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 1
+    assert re.search(r"npu-sft: error: training failed after 1 attempt\(s\) \(not retryable\): ran on the wrong device "
+                     r"and was stopped: rank [01] runs on cpu while its lease holds npu devices: torch-npu is not "
+                     r"imported or CANN is not sourced in the engine env", output), output[-3000:]
+    assert "training attempt 2/" not in output
+    assert live_leases(tmp_path / "leases") == []
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("sft-wrong-device").experiment_id])
+    assert run.info.status == "FAILED" and "ran on the wrong device" in run.data.tags["npu_sft.end_reason"]
+    assert "loss" not in run.data.metrics  # stopped before the first step
 
 
 def test_evaluation_scores_the_adapter_against_the_base_model(demo_run: dict) -> None:

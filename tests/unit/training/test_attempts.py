@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,7 @@ from npu_sft.devices import DeviceProcess
 from npu_sft.engine import DistributedLaunch, EngineSettings
 from npu_sft.process import CompletedCommand
 from npu_sft.training import FailureKind, RetryPolicy, StallSettings, TrainingFailed, attempts, run_training
+from npu_sft.training.settings import GuardSettings
 from tests.unit.training.test_checkpoints import truncate, write_checkpoint, write_safetensors, write_torch_archive
 from tests.unit.training.test_failures import HCCL_DEVICE_BUSY, NPU_OOM, RANK_KILLED, UNKNOWN_KEY
 
@@ -51,7 +53,8 @@ class ScriptedEngine:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with (self.output_dir / "trainer_log.jsonl").open("a") as log:
             for current in step.get("steps", []):
-                log.write(json.dumps({"current_steps": current, "total_steps": 30, "loss": 10.0 - current / 10,
+                loss = step.get("losses", {}).get(current, 10.0 - current / 10)  # json writes a NaN loss as NaN
+                log.write(json.dumps({"current_steps": current, "total_steps": 30, "loss": loss,
                                       "percentage": round(current / 30 * 100, 2)}) + "\n")
         for checkpoint in step.get("checkpoints", []):
             write_checkpoint(self.output_dir, checkpoint)
@@ -352,3 +355,34 @@ def test_a_long_checkpoint_save_is_not_a_stall(job: dict) -> None:
     policy = RetryPolicy(max_attempts=1, stall=StallSettings(step_floor_s=0.3, startup_s=5, phase_s=10))
     result = run_training(**job, on_metrics=lambda m: None, run_command=engine, policy=policy)
     assert [attempt.failure for attempt in result.attempts] == [None]
+
+
+def test_a_diverged_loss_stops_the_attempt_at_once_and_is_not_retried(job: dict) -> None:
+    engine = ScriptedEngine(job["output_dir"], [
+        {"steps": [1, 2, 3, 4, 5], "losses": {3: math.nan, 4: math.nan, 5: math.nan}, "checkpoints": [2], "hang": True},
+        {"returncode": 0, "steps": list(range(3, 31))},
+    ])
+    policy = RetryPolicy(max_attempts=3, retry_delay_s=0, guards=GuardSettings(diverged_steps=3))
+    started = time.monotonic()
+    with pytest.raises(TrainingFailed, match=(
+        r"^training failed after 1 attempt\(s\) \(not retryable\): diverged and was stopped: "
+        r"loss nan at logged steps 3, 4, 5 \(3 in a row, from step 3\)"
+    )) as raised:
+        run_training(**job, on_metrics=lambda m: None, run_command=engine, policy=policy)
+    assert time.monotonic() - started < 10  # stopped by the guard, not left to run (the scripted engine hangs)
+    assert raised.value.failure.kind is FailureKind.DIVERGED and not raised.value.failure.retryable
+    assert len(engine.configs) == 1
+
+
+def test_a_rank_on_the_cpu_under_an_npu_lease_stops_the_attempt_as_a_device_error(job: dict) -> None:
+    line = ("[rank1]: [INFO|2026-12-06 06:00:00] llamafactory.hparams.parser:524 >> Process rank: 1, world size: 2, "
+            "device: cpu, distributed training: True, compute dtype: torch.bfloat16")
+    engine = ScriptedEngine(job["output_dir"], [{"lines": [line], "hang": True}, {"returncode": 0}])
+    with pytest.raises(TrainingFailed, match=r"ran on the wrong device and was stopped: rank 1 runs on cpu while its "
+                                             r"lease holds npu devices") as raised:
+        run_training(**job, on_metrics=lambda m: None, run_command=engine, device_kind="npu")
+    assert raised.value.failure.kind is FailureKind.WRONG_DEVICE and len(engine.configs) == 1
+    # The same line under a CPU lease is the ordinary case.
+    fine = ScriptedEngine(job["output_dir"], [{"lines": [line], "returncode": 0}])
+    assert run_training(**job, on_metrics=lambda m: None, run_command=fine, device_kind="cpu").attempts[0].failure is None
+
