@@ -32,42 +32,40 @@ class LengthStats(BaseModel):
     max: int
 
 
-class SourceStats(BaseModel):
-    """Rows of one input dataset. valid = total - rejected; kept = valid - duplicates = train + eval."""
+class RowCounts(BaseModel):
+    """Row counts, of one input dataset or of all of them. valid = total - rejected; kept = valid - duplicates =
+    train + eval."""
 
     model_config = ConfigDict(extra="forbid")
+
+    total: int
+    valid: int
+    rejected: int
+    duplicates: int
+    kept: int
+    train: int
+    eval: int
+    reject_share: float
+
+
+class SourceStats(RowCounts):
+    """Rows of one input dataset."""
 
     name: str
     source: str
     format: str
     files: list[str]
     skipped_files: list[str] = Field(default_factory=list)
-    total: int
-    valid: int
-    rejected: int
-    duplicates: int
-    kept: int
-    train: int
-    eval: int
-    reject_share: float
     reject_reasons: dict[str, int] = Field(default_factory=dict)
     tokens: LengthStats | None = None
     truncated: int | None = None
 
 
-class DatasetStats(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DatasetStats(RowCounts):
+    """Rows of all the input datasets of one preparation, with the settings that shaped them."""
 
     key: str
     sources: list[SourceStats]
-    total: int
-    valid: int
-    rejected: int
-    duplicates: int
-    kept: int
-    train: int
-    eval: int
-    reject_share: float
     max_reject_share: float
     val_size: float
     seed: int
