@@ -95,6 +95,7 @@ def render_plan(pipeline: Pipeline) -> list[RenderableType]:
     summary.add_row("train devices", devices.shown)
     summary.add_row("model", _describe_model(pipeline))
     summary.add_row("stall deadlines", _stall_row(pipeline, devices.kind))
+    summary.add_row("guards", _guards_row(pipeline, devices.kind))
     for stage, description in _publish_rows(pipeline):
         summary.add_row(stage, description)
     return [
@@ -129,6 +130,15 @@ def _serve_line(pipeline: Pipeline) -> str:
 
 
 HCCL_DEFAULT_EXEC_TIMEOUT_S = 1800  # CANN's default for HCCL_EXEC_TIMEOUT
+
+
+def _guards_row(pipeline: Pipeline, kind: str) -> str:
+    """What stops a training at once, without a retry."""
+    guards = pipeline.settings.training.guards
+    if not guards.enabled:
+        return "off (training.guards.enabled: false)"
+    device = f"; a rank not on {kind} devices" if kind in ("npu", "gpu") else ""
+    return f"a loss NaN, inf or 0 for {guards.diverged_steps} logged steps in a row{device}: stopped, not retried"
 
 
 def _stall_row(pipeline: Pipeline, kind: str) -> str:

@@ -106,6 +106,8 @@ def test_plan_on_a_host_without_npu_tools_plans_with_the_devices_unchecked(
     # The stall watchdog's deadlines beside the collective timeouts a hang would otherwise wait for.
     assert ("start-up 1800 s; between steps 10 x the longest interval, at least 300 s; evaluation or save 3600 s; a "
             "hang otherwise waits for ddp_timeout 180000000 s, HCCL_EXEC_TIMEOUT 1800 s (CANN's default)") in out
+    # What stops the training at once, without a retry.
+    assert "a loss NaN, inf or 0 for 3 logged steps in a row; a rank not on npu devices: stopped, not retried" in out
     # Where the adapter goes after the evaluation, as configured.
     assert ("qwen1_5-7b-lora: a new version per run, alias candidate; champion when eval/rouge_l (higher is better) "
             "beats the base model by more than 0 and beats the current champion") in out
