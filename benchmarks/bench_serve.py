@@ -41,7 +41,7 @@ from bench_eval_overhead import train_adapter
 from bench_train_overhead import REPO, free_port, generate_config
 from npu_sft.devices import DeviceSettings, lease_devices
 from npu_sft.engine import EngineSettings, ServedModel, api_server_command
-from npu_sft.process import start_background
+from npu_sft.engine.process import start_background
 from npu_sft.serving import ServerSpec, api_server, wait_until_ready
 from npu_sft.settings import ServeSettings
 

@@ -34,9 +34,9 @@ from pathlib import Path
 
 from npu_sft.datasets import prepare_datasets
 from npu_sft.engine import DistributedLaunch, EngineSettings, bare_train_command
-from npu_sft.llamafactory_config import resolve_train_config, write_config
+from npu_sft.engine.llamafactory_config import resolve_train_config, write_config
+from npu_sft.engine.tiny_model import ensure_tiny_model, tokenizer_file
 from npu_sft.settings import MlflowSettings, load_pipeline
-from npu_sft.tiny_model import ensure_tiny_model, tokenizer_file
 from npu_sft.tracking import RunTracker
 from npu_sft.training import RetryPolicy, launch_env, run_figures, run_training
 
@@ -137,7 +137,7 @@ def run_bare(
         },
     )
     started = time.monotonic()
-    # Deliberately not npu_sft.process: the baseline is the engine alone, its output going straight to a file.
+    # Deliberately not npu_sft.engine.process: the baseline is the engine alone, its output going straight to a file.
     with (work / f"{name}.log").open("wb") as log:
         completed = subprocess.run(
             command.argv, env={**os.environ, **command.env}, stdout=log, stderr=subprocess.STDOUT, check=False

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from npu_sft.devices import DeviceToolMissing, render_device_report, take_inventory
-from npu_sft.llamafactory_config import check_with_engine, env_script_missing
+from npu_sft.engine.llamafactory_config import check_with_engine, env_script_missing
 from npu_sft.settings import ConfigError, Pipeline, load_pipeline, missing_data_file
 from npu_sft.tracking import tracking_uri
 

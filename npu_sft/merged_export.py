@@ -12,9 +12,8 @@ from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from npu_sft import process
 from npu_sft.adapter_model import AdapterFacts, PublishError, note_version
-from npu_sft.engine import EngineSettings, export_command
+from npu_sft.engine import EngineSettings, export_command, process
 from npu_sft.push_settings import MergedExportSettings
 from npu_sft.registry import CHAMPION
 from npu_sft.tracking import RunTracker

@@ -23,12 +23,17 @@ from npu_sft.engine import (
     served_name,
     torchrun_train_command,
 )
+from npu_sft.engine.llamafactory_config import (
+    check_with_engine,
+    env_script_missing,
+    resolve_train_config,
+    without_secrets,
+)
+from npu_sft.engine.tiny_model import ensure_tiny_model, tokenizer_file
 from npu_sft.gate import describe_gate
 from npu_sft.merged_export import merged_model_name
-from npu_sft.llamafactory_config import check_with_engine, env_script_missing, resolve_train_config, without_secrets
 from npu_sft.serving import served_model
 from npu_sft.settings import ConfigError, Pipeline, TinyModelSource, missing_data_file
-from npu_sft.tiny_model import ensure_tiny_model, tokenizer_file
 from npu_sft.training import distributed_launch
 
 MASTER_PORT_PLACEHOLDER = 0  # chosen (and reserved) when the task leases its devices

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import git
 
 from npu_sft.devices.settings import DeviceRequest
-from npu_sft.llamafactory_config import SECRET_KEY, resolve_deepspeed
+from npu_sft.engine.llamafactory_config import SECRET_KEY, resolve_deepspeed
 from npu_sft.settings import ConfigError, ModelSource, Pipeline
 
 PARAM_PREFIX = "pipeline."

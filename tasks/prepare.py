@@ -24,9 +24,9 @@ from npu_sft.datasets import (
 )
 from npu_sft.download import log_manifest
 from npu_sft.download.datasets import with_downloaded_datasets
+from npu_sft.engine.tiny_model import tokenizer_file
 from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline
-from npu_sft.tiny_model import tokenizer_file
 
 STATS_ARTIFACT_KEY = "dataset-stats"
 

@@ -20,9 +20,9 @@ from prefect.logging import get_logger
 from prefect.runtime import deployment, flow_run
 from prefect.settings import PREFECT_UI_URL
 
-from npu_sft.llamafactory_config import loggable_params
-from npu_sft.reevaluation import run_dir_of
+from npu_sft.engine.llamafactory_config import loggable_params
 from npu_sft.publishing import Published
+from npu_sft.reevaluation import run_dir_of
 from npu_sft.run_description import RunOrigin, pipeline_params, source_tags
 from npu_sft.run_summary import (
     MLFLOW_LINK_ARTIFACT_KEY,

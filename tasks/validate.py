@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from npu_sft.llamafactory_config import check_with_engine
+from npu_sft.engine.llamafactory_config import check_with_engine
 from npu_sft.settings import Pipeline
 
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
+from npu_sft.engine.process import CommandFailed, CompletedCommand
 from npu_sft.errors import NpuSftError
-from npu_sft.process import CommandFailed, CompletedCommand
 from npu_sft.training import classify_failure
 
 

@@ -12,8 +12,7 @@ from typing import Any
 
 import yaml
 
-from npu_sft import process
-from npu_sft.engine import DistributedLaunch, EngineSettings, torchrun_train_command
+from npu_sft.engine import DistributedLaunch, EngineSettings, process, torchrun_train_command
 from npu_sft.evaluation.errors import EvaluationError, PredictFailed
 from npu_sft.evaluation.models import SCORE_NAMES, Scores
 from npu_sft.evaluation.settings import EvalSettings

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from npu_sft import process
 from npu_sft.devices import Lease
-from npu_sft.engine import EngineSettings, ServedModel, api_server_command
+from npu_sft.engine import EngineSettings, ServedModel, api_server_command, process
 from npu_sft.serving.errors import ServeError
 from npu_sft.settings import Pipeline, ServeSettings
 

@@ -23,14 +23,8 @@ from typing import Any, Protocol
 
 import yaml
 
-from npu_sft import process
 from npu_sft.devices import DeviceError
-from npu_sft.engine import (
-    DistributedLaunch,
-    EngineCommand,
-    EngineSettings,
-    torchrun_train_command,
-)
+from npu_sft.engine import DistributedLaunch, EngineCommand, EngineSettings, process, torchrun_train_command
 from npu_sft.recording import Metric
 from npu_sft.training.checkpoints import (
     CheckpointCheck,

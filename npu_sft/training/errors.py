@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from npu_sft import process
+from npu_sft.engine import process
 from npu_sft.errors import NpuSftError
 from npu_sft.training.failures import Failure
 from npu_sft.training.models import Attempt

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from npu_sft import process
+from npu_sft.engine import process
 from npu_sft.training.settings import StallSettings
 
 # What transformers' Trainer prints (at INFO, which LLaMA-Factory turns on) when a long phase starts.

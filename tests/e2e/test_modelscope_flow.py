@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from npu_sft.datasets.builtin import tiny_alpaca_rows
 from npu_sft.engine import EngineSettings
-from npu_sft.tiny_model import ensure_tiny_model
+from npu_sft.engine.tiny_model import ensure_tiny_model
 from tests.fakes.hub_standin import HubStandIn
 
 pytestmark = pytest.mark.e2e

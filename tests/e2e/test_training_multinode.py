@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from npu_sft.engine import DistributedLaunch
-from npu_sft.llamafactory_config import write_config
+from npu_sft.engine.llamafactory_config import write_config
 from npu_sft.training import RetryPolicy, TrainingResult, launch_env, run_training
 from tests.e2e.test_training_recovery import PLANNED_STEPS, SHORT_RUN, free_port, tiny_training
 from tests.e2e.test_training_recovery import tiny_models  # noqa: F401  (a session fixture: one tiny model for all)

@@ -26,9 +26,9 @@ from mlflow import MlflowClient
 
 from npu_sft.datasets import prepare_datasets
 from npu_sft.engine import DistributedLaunch
-from npu_sft.llamafactory_config import resolve_train_config, write_config
+from npu_sft.engine.llamafactory_config import resolve_train_config, write_config
+from npu_sft.engine.tiny_model import ensure_tiny_model, tokenizer_file
 from npu_sft.settings import Pipeline, load_pipeline
-from npu_sft.tiny_model import ensure_tiny_model, tokenizer_file
 from npu_sft.training import FailureKind, RetryPolicy, StallSettings, launch_env, run_training
 
 pytestmark = pytest.mark.e2e

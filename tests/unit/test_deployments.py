@@ -14,7 +14,7 @@ from prefect.flows import load_flow_from_entrypoint
 from prefect.utilities.callables import parameter_schema
 from prefect.utilities.templating import apply_values
 
-from npu_sft.llamafactory_config import resolve_deepspeed
+from npu_sft.engine.llamafactory_config import resolve_deepspeed
 from npu_sft.ops.deploy import deployment_names
 from npu_sft.ops.prefect_setup import load_automations
 from npu_sft.ops.specs import WORK_POOL

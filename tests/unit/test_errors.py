@@ -21,7 +21,7 @@ from npu_sft.user_errors import is_user_error, user_error_names
 def project_exceptions() -> list[type[BaseException]]:
     found = []
     for module_info in pkgutil.walk_packages(npu_sft.__path__, "npu_sft."):
-        if ".engine_scripts" in module_info.name:  # run in the engine env
+        if ".engine.scripts" in module_info.name:  # run in the engine env
             continue
         module = importlib.import_module(module_info.name)
         for _, cls in inspect.getmembers(module, inspect.isclass):

@@ -15,7 +15,7 @@ def module_files() -> dict[str, Path]:
     modules = {}
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
-            if "engine_scripts" in path.parts:  # run in the engine env, never imported here
+            if path.parent.relative_to(ROOT).parts == ("npu_sft", "engine", "scripts"):  # run in the engine env
                 continue
             name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
             modules[name] = path

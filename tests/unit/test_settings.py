@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from npu_sft.llamafactory_config import write_config
+from npu_sft.engine.llamafactory_config import write_config
 from npu_sft.settings import ConfigError, load_pipeline
 
 TINY = """\

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from npu_sft.evaluation import EvalSettings, EvaluationError, PredictFailed, predict_config, read_scores
-from npu_sft.process import CompletedCommand
+from npu_sft.engine.process import CompletedCommand
 
 RUN_CONFIG = {
     "model_name_or_path": "/models/tiny",

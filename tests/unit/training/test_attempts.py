@@ -14,7 +14,7 @@ import yaml
 
 from npu_sft.devices import DeviceProcess
 from npu_sft.engine import DistributedLaunch, EngineSettings
-from npu_sft.process import CompletedCommand
+from npu_sft.engine.process import CompletedCommand
 from npu_sft.training import FailureKind, RetryPolicy, StallSettings, TrainingFailed, attempts, run_training
 from npu_sft.training.settings import GuardSettings
 from tests.unit.training.test_checkpoints import truncate, write_checkpoint, write_safetensors, write_torch_archive

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from npu_sft import host_processes
-from npu_sft.process import is_progress_noise, run_streaming, start_background
+from npu_sft.engine.process import is_progress_noise, run_streaming, start_background
 
 
 def test_streams_lines_without_progress_bars(tmp_path: Path) -> None:

@@ -11,8 +11,7 @@ from typing import Any
 
 import yaml
 
-from npu_sft import process
-from npu_sft.engine import ENGINE_SCRIPTS, EngineSettings, engine_script_command
+from npu_sft.engine import ENGINE_SCRIPTS, EngineSettings, engine_script_command, process
 from npu_sft.settings import ConfigError, Pipeline, where_set
 
 DEEPSPEED_SHORT_NAME = re.compile(r"^ds_z[0-3](_offload)?$")

@@ -8,9 +8,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from npu_sft import process
 from npu_sft.datasets import demo_corpus
-from npu_sft.engine import ENGINE_SCRIPTS, EngineSettings, engine_script_command
+from npu_sft.engine import ENGINE_SCRIPTS, EngineSettings, engine_script_command, process
 
 GENERATOR = "make_tiny_model.py"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")

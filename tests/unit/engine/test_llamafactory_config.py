@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from npu_sft.llamafactory_config import (
+from npu_sft.engine.llamafactory_config import (
     check_with_engine,
     env_script_missing,
     loggable_params,
@@ -14,7 +14,7 @@ from npu_sft.llamafactory_config import (
 )
 from npu_sft.settings import ConfigError, load_pipeline
 
-SEEDS = Path(__file__).resolve().parents[3] / "shared" / "seeds"
+SEEDS = Path(__file__).resolve().parents[4] / "shared" / "seeds"
 
 
 @pytest.fixture
