@@ -16,7 +16,6 @@ from npu_sft.engine.llamafactory_config import check_with_engine, env_script_mis
 from npu_sft.settings import ConfigError, Pipeline, load_pipeline, missing_data_file
 from npu_sft.tracking import tracking_uri
 
-
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 
 
@@ -105,8 +104,8 @@ def run_flow(args: argparse.Namespace) -> int:
 
 def _print_where_to_look(pipeline: Pipeline, run_id: str, console: Console) -> None:
     """The run's page in MLflow's UI (its model-training view), and how to start that UI over a file store."""
-    from npu_sft.run_summary import mlflow_run_url, mlflow_ui_url
     from npu_sft.tracking import client_for
+    from npu_sft.tracking.summary import mlflow_run_url, mlflow_ui_url
 
     uri = tracking_uri(pipeline.settings.mlflow)
     experiment_id = client_for(pipeline.settings.mlflow).get_run(run_id).info.experiment_id
@@ -186,8 +185,8 @@ def compare(args: argparse.Namespace) -> int:
 
     from mlflow import MlflowClient
 
-    from npu_sft import compare as comparing
     from npu_sft.settings import MlflowSettings
+    from npu_sft.tracking import compare as comparing
 
     settings = load_pipeline(args.config).settings.mlflow if args.config else MlflowSettings(
         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", MlflowSettings().tracking_uri))

@@ -9,8 +9,8 @@ from prefect import get_run_logger, task
 from npu_sft.adapter_model import AdapterFacts
 from npu_sft.merged_export import export_merged, merged_model_name, register_merged
 from npu_sft.publishing import Published
-from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline
+from npu_sft.tracking import RunContext
 from tasks.publish import ADAPTER_DIR
 
 MERGED_DIR = "merged"  # in the run's working directory

@@ -14,8 +14,8 @@ from prefect.context import TaskRunContext
 from prefect.results import get_result_store
 
 from npu_sft.datasets import (
-    DataSettings,
     DatasetError,
+    DataSettings,
     PreparedData,
     log_dataset_stats,
     prepare_datasets,
@@ -25,8 +25,8 @@ from npu_sft.datasets import (
 from npu_sft.download import log_manifest
 from npu_sft.download.datasets import with_downloaded_datasets
 from npu_sft.engine.tiny_model import tokenizer_file
-from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline
+from npu_sft.tracking import RunContext
 
 STATS_ARTIFACT_KEY = "dataset-stats"
 

@@ -11,8 +11,8 @@ from prefect.artifacts import create_markdown_artifact
 from npu_sft.adapter_model import adapter_facts, log_adapter_model
 from npu_sft.evaluation import Evaluation
 from npu_sft.publishing import Published, publish_version
-from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline
+from npu_sft.tracking import RunContext
 from npu_sft.training import collect_adapter
 from tasks.train import Trained
 

@@ -6,9 +6,9 @@ from prefect import get_run_logger, task
 
 from npu_sft.engine import served_name
 from npu_sft.publishing import Published
-from npu_sft.runs import RunContext
 from npu_sft.serving import served_model, smoke_test_on_lease
 from npu_sft.settings import Pipeline
+from npu_sft.tracking import RunContext
 from tasks.train import Trained
 
 

@@ -23,17 +23,16 @@ from prefect.settings import PREFECT_UI_URL
 from npu_sft.engine.llamafactory_config import loggable_params
 from npu_sft.publishing import Published
 from npu_sft.reevaluation import run_dir_of
-from npu_sft.run_description import RunOrigin, pipeline_params, source_tags
-from npu_sft.run_summary import (
+from npu_sft.settings import ConfigError, Pipeline, load_pipeline
+from npu_sft.tracking import FLOW_RUN_TAG, RunContext, RunTracker, end_runs_of_flow_run, tracking_uri
+from npu_sft.tracking.description import RunOrigin, pipeline_params, source_tags
+from npu_sft.tracking.summary import (
     MLFLOW_LINK_ARTIFACT_KEY,
     SUMMARY_ARTIFACT_KEY,
     RunSummary,
     mlflow_run_url,
     mlflow_ui_url,
 )
-from npu_sft.runs import RunContext
-from npu_sft.settings import ConfigError, Pipeline, load_pipeline
-from npu_sft.tracking import FLOW_RUN_TAG, RunTracker, end_runs_of_flow_run, tracking_uri
 
 
 @task

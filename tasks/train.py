@@ -7,7 +7,6 @@ from typing import cast
 from uuid import UUID
 
 import httpx
-
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
@@ -15,9 +14,8 @@ from npu_sft.datasets import PreparedData
 from npu_sft.devices import lease_devices, processes_on_devices
 from npu_sft.engine.llamafactory_config import resolve_train_config, without_secrets, write_config
 from npu_sft.reevaluation import RESULTS, RESULTS_ARTIFACT_DIR, RUN_CONFIG, RUN_CONFIG_ARTIFACT_DIR
-from npu_sft.runs import RunContext
 from npu_sft.settings import Pipeline
-from npu_sft.tracking import StepMetricSink
+from npu_sft.tracking import RunContext, StepMetricSink
 from npu_sft.training import (
     STALL_STACKS_PREFIX,
     STEP_METRIC_KEYS,

@@ -24,9 +24,9 @@ from mlflow import MlflowClient
 
 from npu_sft.devices import DeviceSettings, current_leases, lease_history
 from npu_sft.engine import EngineSettings, ServedModel
-from npu_sft.run_summary import mlflow_experiment_url, mlflow_run_url
 from npu_sft.serving import ServerSpec, api_server
 from npu_sft.settings import ServeSettings
+from npu_sft.tracking.summary import mlflow_experiment_url, mlflow_run_url
 from tests.fakes.devices import FAKE_BIN
 
 pytestmark = pytest.mark.e2e

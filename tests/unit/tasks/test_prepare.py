@@ -16,9 +16,8 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-from npu_sft.runs import RunContext
 from npu_sft.settings import load_pipeline
-from npu_sft.tracking import RunTracker
+from npu_sft.tracking import RunContext, RunTracker
 from tasks.prepare import STATS_ARTIFACT_KEY, download_datasets, prepare_data, record_datasets
 
 DEMO_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "tiny_cpu.yaml"

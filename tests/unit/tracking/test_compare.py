@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from npu_sft.cli import main
-from npu_sft.compare import ComparedRun, differing_params, lower_is_better, rank
+from npu_sft.tracking.compare import ComparedRun, differing_params, lower_is_better, rank
 
 
 @pytest.fixture

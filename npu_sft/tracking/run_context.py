@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from npu_sft.tracking import RunTracker
+from npu_sft.tracking.tracker import RunTracker
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from npu_sft.gate import GateDecision
 from npu_sft.publishing import Published
-from npu_sft.run_summary import RunSummary, mlflow_run_url, mlflow_ui_url
+from npu_sft.tracking.summary import RunSummary, mlflow_run_url, mlflow_ui_url
 
 METRICS = {
     "eval/rouge_l": 0.41, "base/rouge_l": 0.12, "gain/rouge_l": 0.29, "eval/bleu_4": 0.2,

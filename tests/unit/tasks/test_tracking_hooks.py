@@ -21,7 +21,7 @@ from npu_sft.settings import load_pipeline
 from npu_sft.tracking import END_REASON_TAG, FLOW_RUN_TAG, RunTracker, client_for
 from tasks.tracking import TRACKING_HOOKS, end_tracking_killed
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "tiny_cpu.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,14 @@ from pathlib import Path
 import git
 import pytest
 
-from npu_sft.run_description import (
+from npu_sft.settings import load_pipeline
+from npu_sft.tracking.description import (
     RunOrigin,
     deepspeed_stage,
     git_state,
     pipeline_params,
     source_tags,
 )
-from npu_sft.settings import load_pipeline
 
 
 @pytest.fixture
