@@ -120,8 +120,6 @@ def test_run_on_a_host_without_npu_tools_is_refused_naming_the_file_and_key(
     tmp_path: Path, repo: Path, engine_python: Path
 ) -> None:
     config = repo / "configs/qwen7b.yaml"
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "alpaca_en_demo.json").write_text("[]")  # the seed's data file, as on the Ascend host
     result = npu_sft(
         "run", str(config), "--set", f"engine.python={engine_python}", "--set", "engine.env_script=null",
         cwd=tmp_path, extra_env=without_device_tools(),
