@@ -20,8 +20,8 @@ from npu_sft.download.errors import (
 )
 from npu_sft.download.manifest import ManifestEntry
 from npu_sft.download.progress import DownloadProgress, ProgressListener
+from npu_sft.download.recording import log_manifest, manifest_tags
 from npu_sft.download.settings import ModelSource, UnpinnedRevisionWarning, is_commit_id
-from npu_sft.download.tracking import log_manifest, manifest_tags
 
 __all__ = [
     "DownloadError",

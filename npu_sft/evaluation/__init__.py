@@ -9,10 +9,10 @@ from npu_sft.evaluation.baseline import baseline_inputs, baseline_key, score_bas
 from npu_sft.evaluation.errors import EvaluationError, PredictFailed
 from npu_sft.evaluation.models import SCORE_NAMES, Baseline, Evaluation, Scores
 from npu_sft.evaluation.predict import EnginePredictor, Predict, predict_config, read_scores
+from npu_sft.evaluation.recording import SAMPLES_TABLE, record_evaluation
 from npu_sft.evaluation.samples import sample_rows
 from npu_sft.evaluation.settings import EvalSettings
 from npu_sft.evaluation.stage import evaluate_adapter
-from npu_sft.evaluation.tracking import SAMPLES_TABLE, record_evaluation
 
 __all__ = [
     "SAMPLES_TABLE",

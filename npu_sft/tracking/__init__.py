@@ -8,7 +8,7 @@ Modules: `client` (tracking URI, one client per store, the experiment), `tracker
 (StepMetricSink), `run_ending` (ending a flow run's runs from its hooks and the reconciler), `tags`, `run_context`
 (a run's tracker and working directory), `description` (params and source tags), `summary` (the Prefect summary
 artifact and MLflow links), `compare` (`npu-sft compare`, imported by path: only that command needs it).
-Wings record through the `npu_sft.recording.RunRecorder` protocol, so they do not import this package.
+Wings record through the `npu_sft.run_recorder.RunRecorder` protocol, so they do not import this package.
 """
 
 from npu_sft.tracking.client import artifact_location, client_for, tracking_uri

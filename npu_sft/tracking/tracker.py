@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from npu_sft import recording
+from npu_sft import run_recorder
 from npu_sft.settings import MlflowSettings
 from npu_sft.tracking.client import client_for, experiment_id
 
@@ -75,7 +75,7 @@ class RunTracker:
     def log_table(self, columns: Mapping[str, list[Any]], artifact_file: str) -> None:
         self.client.log_table(self.run_id, dict(columns), artifact_file)
 
-    def log_dataset_inputs(self, datasets: Iterable[recording.DatasetInput]) -> None:
+    def log_dataset_inputs(self, datasets: Iterable[run_recorder.DatasetInput]) -> None:
         """As MLflow's dataset inputs (source type "local", as `mlflow.data` records a local file), so the runs
         table's Dataset column and the run's dataset view show name, digest, rows, schema and context."""
         inputs = [

@@ -25,7 +25,7 @@ import yaml
 
 from npu_sft.devices import DeviceError
 from npu_sft.engine import DistributedLaunch, EngineCommand, EngineSettings, process, torchrun_train_command
-from npu_sft.recording import Metric
+from npu_sft.run_recorder import Metric
 from npu_sft.training.checkpoints import (
     CheckpointCheck,
     ResumePoint,

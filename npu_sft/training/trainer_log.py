@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from npu_sft.recording import Metric
+from npu_sft.run_recorder import Metric
 
 TRAINER_LOG = "trainer_log.jsonl"
 STEP_METRIC_NAMES = {"loss": "loss", "lr": "learning_rate", "eval_loss": "eval_loss", "epoch": "epoch"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from npu_sft.evaluation.models import Evaluation
 from npu_sft.evaluation.samples import as_columns
-from npu_sft.recording import RunRecorder
+from npu_sft.run_recorder import RunRecorder
 
 SAMPLES_TABLE = "eval/samples.json"
 

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 from npu_sft.datasets.output import DATASET_INFO_FILE, EVAL_DATASET, EVAL_FILE, STATS_FILE, TRAIN_DATASET, TRAIN_FILE
 from npu_sft.datasets.stats import DatasetStats, LengthStats
-from npu_sft.recording import DatasetInput
+from npu_sft.run_recorder import DatasetInput
 
 if TYPE_CHECKING:
     from npu_sft.datasets.prepare import PreparedData
-    from npu_sft.recording import RunRecorder
+    from npu_sft.run_recorder import RunRecorder
 
 ARTIFACT_DIR = "datasets"
 # The recorded eval split, as LLaMA-Factory's `dataset_dir` reads it: enough to score an adapter on another host.

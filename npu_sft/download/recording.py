@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from npu_sft.download.core import DownloadedModel
 
 if TYPE_CHECKING:
-    from npu_sft.recording import RunRecorder
+    from npu_sft.run_recorder import RunRecorder
 
 
 def manifest_tags(downloaded: DownloadedModel, prefix: str | None = None) -> dict[str, str]:
