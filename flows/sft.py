@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from prefect import flow
 
-from npu_sft.publishing import Published
+from npu_sft.publishing.versions import Published
 from npu_sft.settings import load_pipeline
 from npu_sft.user_errors import quiet_user_error_tracebacks
 from tasks.evaluate import evaluate

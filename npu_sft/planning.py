@@ -30,8 +30,8 @@ from npu_sft.engine.llamafactory_config import (
     without_secrets,
 )
 from npu_sft.engine.tiny_model import ensure_tiny_model, tokenizer_file
-from npu_sft.gate import describe_gate
-from npu_sft.merged_export import merged_model_name
+from npu_sft.publishing.gate import describe_gate
+from npu_sft.publishing.merged_export import merged_model_name
 from npu_sft.serving import served_model
 from npu_sft.settings import ConfigError, Pipeline, TinyModelSource, missing_data_file
 from npu_sft.training import distributed_launch

@@ -12,13 +12,14 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from npu_sft import registry
-from npu_sft.adapter_model import base_model_for
-from npu_sft.training.completion import ADAPTER_WEIGHTS
 from npu_sft.datasets import EVAL_SPLIT_ARTIFACTS
+from npu_sft.publishing import registry
+from npu_sft.publishing.adapter_model import base_model_for
+from npu_sft.publishing.errors import RegistryError
 from npu_sft.settings import ConfigError, MlflowSettings, Pipeline
 from npu_sft.tracking import client_for, tracking_uri
 from npu_sft.training import evaluation_results
+from npu_sft.training.completion import ADAPTER_WEIGHTS
 
 RUN_CONFIG = "llamafactory.yaml"  # what the train task wrote into the run's directory
 RUN_CONFIG_ARTIFACT_DIR = "config"
@@ -78,7 +79,7 @@ def _version_target(pipeline: Pipeline, version: str) -> EvaluationTarget:
     try:
         resolved = registry.resolve_version(settings.mlflow, name, version)
         return EvaluationTarget(registry.run_of_version(settings.mlflow, name, resolved), resolved)
-    except registry.RegistryError as err:
+    except RegistryError as err:
         raise ConfigError(f"--version {version}: {err}") from None
 
 

@@ -23,8 +23,7 @@ from npu_sft.download import ModelSource
 from npu_sft.engine import EngineSettings, passes_secrets_by_name, secret_refusal
 from npu_sft.errors import BadInputError
 from npu_sft.evaluation.settings import EvalSettings
-from npu_sft.gate import GateSettings
-from npu_sft.push_settings import MergedExportSettings, ModelScopePushSettings
+from npu_sft.publishing.settings import PublishSettings
 from npu_sft.serve_settings import ServeSettings
 from npu_sft.training.settings import TrainingSettings
 
@@ -67,23 +66,6 @@ class MlflowSettings(_Strict):
         if scheme not in TRACKING_SCHEMES:
             known = ", ".join(f"{name}:" for name in TRACKING_SCHEMES if name)
             raise ValueError(f"{scheme}: is not a store MLflow tracks runs in ({known} or a directory path)")
-        return value
-
-
-class PublishSettings(_Strict):
-    enabled: bool = True
-    registered_model: str = Field(min_length=1)
-    gate: GateSettings = Field(default_factory=GateSettings)
-    merged: MergedExportSettings = Field(default_factory=MergedExportSettings)
-    modelscope: ModelScopePushSettings | None = Field(
-        None, description="push each new champion's adapter to this ModelScope model repository"
-    )
-
-    @field_validator("registered_model")
-    @classmethod
-    def _searchable(cls, value: str) -> str:
-        if "'" in value and '"' in value:
-            raise ValueError("holds both ' and \"; MLflow's registry search cannot quote such a name")
         return value
 
 

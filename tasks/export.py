@@ -6,9 +6,9 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from npu_sft.adapter_model import AdapterFacts
-from npu_sft.merged_export import export_merged, merged_model_name, register_merged
-from npu_sft.publishing import Published
+from npu_sft.publishing.adapter_model import AdapterFacts
+from npu_sft.publishing.merged_export import export_merged, merged_model_name, register_merged
+from npu_sft.publishing.versions import Published
 from npu_sft.settings import Pipeline
 from npu_sft.tracking import RunContext
 from tasks.publish import ADAPTER_DIR

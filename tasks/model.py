@@ -4,10 +4,10 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from npu_sft.adapter_model import base_model_for
 from npu_sft.download import log_manifest
 from npu_sft.engine.tiny_model import ensure_tiny_model
-from npu_sft.registry import RegisteredAdapter
+from npu_sft.publishing.adapter_model import base_model_for
+from npu_sft.publishing.registry import RegisteredAdapter
 from npu_sft.settings import Pipeline, TinyModelSource
 from npu_sft.tracking import RunContext
 from tasks.download import download_model_task

@@ -8,9 +8,9 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from npu_sft.adapter_model import adapter_facts, log_adapter_model
 from npu_sft.evaluation import Evaluation
-from npu_sft.publishing import Published, publish_version
+from npu_sft.publishing.adapter_model import adapter_facts, log_adapter_model
+from npu_sft.publishing.versions import Published, publish_version
 from npu_sft.settings import Pipeline
 from npu_sft.tracking import RunContext
 from npu_sft.training import collect_adapter

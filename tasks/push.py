@@ -7,8 +7,8 @@ import os
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
 
-from npu_sft.modelscope_push import PushedAdapter, push_registered_version, push_token
-from npu_sft.publishing import Published
+from npu_sft.publishing.modelscope_push import PushedAdapter, push_registered_version, push_token
+from npu_sft.publishing.versions import Published
 from npu_sft.settings import Pipeline
 from tasks.registry import version_files_dir
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from npu_sft import registry
+from npu_sft.publishing import registry
 from npu_sft.settings import MlflowSettings, Pipeline
 
 

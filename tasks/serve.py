@@ -5,7 +5,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from npu_sft.engine import served_name
-from npu_sft.publishing import Published
+from npu_sft.publishing.versions import Published
 from npu_sft.serving import served_model, smoke_test_on_lease
 from npu_sft.settings import Pipeline
 from npu_sft.tracking import RunContext

@@ -10,10 +10,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
-from npu_sft import registry
 from npu_sft.devices import lease_devices
 from npu_sft.engine import served_name
-from npu_sft.registry import RegisteredAdapter
+from npu_sft.publishing import registry
+from npu_sft.publishing.registry import RegisteredAdapter
 from npu_sft.serving import (
     API_KEY_VAR,
     ServerSpec,
@@ -24,7 +24,6 @@ from npu_sft.serving import (
     smoke_test_on_lease,
 )
 from npu_sft.settings import Pipeline
-
 
 ENDPOINT_ARTIFACT_KEY = "serve-endpoint"
 

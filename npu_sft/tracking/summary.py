@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from npu_sft.publishing import Published
+    from npu_sft.publishing.versions import Published
 
 SUMMARY_ARTIFACT_KEY = "sft-summary"
 MLFLOW_LINK_ARTIFACT_KEY = "mlflow-run"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from npu_sft.gate import GateDecision
-from npu_sft.publishing import Published
+from npu_sft.publishing.gate import GateDecision
+from npu_sft.publishing.versions import Published
 from npu_sft.tracking.summary import RunSummary, mlflow_run_url, mlflow_ui_url
 
 METRICS = {

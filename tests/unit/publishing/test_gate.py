@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from npu_sft.gate import Champion, GateSettings, decide, describe_gate
+from npu_sft.publishing.gate import Champion, decide, describe_gate
+from npu_sft.publishing.settings import GateSettings
 
 ADAPTER = {"eval/rouge_l": 14.5, "base/rouge_l": 0.3, "gain/rouge_l": 14.2}
 

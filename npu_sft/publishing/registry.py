@@ -11,7 +11,7 @@ import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from npu_sft.errors import BadInputError
+from npu_sft.publishing.errors import RegistryError
 from npu_sft.settings import MlflowSettings
 from npu_sft.tracking import client_for, tracking_uri
 
@@ -19,10 +19,6 @@ LATEST = "latest"
 RUNS_PREFIX = "runs:/"  # MLflow's URI for a run's artifacts; here: the version published from that run
 CHAMPION = "champion"  # the alias the publish gate gives a version that passed it
 ADAPTER_MARKER = "adapter_config.json"  # what makes a directory a PEFT adapter
-
-
-class RegistryError(BadInputError, LookupError):
-    """The registered model or version does not exist, or its files are not an adapter."""
 
 
 @dataclass(frozen=True)

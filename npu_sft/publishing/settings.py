@@ -1,8 +1,11 @@
-"""The pipeline's `publish.modelscope:` and `publish.merged:` blocks: where a new champion goes besides the registry."""
+"""The pipeline's `publish:` block: the registered model, the gate a new version passes to become champion, and
+where a champion goes besides the registry (`publish.modelscope:`, `publish.merged:`)."""
 
 from __future__ import annotations
 
 import re
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from npu_sft.download.settings import checked_endpoint
@@ -45,3 +48,38 @@ class MergedExportSettings(BaseModel):
     enabled: bool = False
     registered_model: str | None = Field(None, description="default: <publish.registered_model>-merged")
     shard_size_gb: int = Field(5, ge=1, description="LLaMA-Factory's export_size: the largest safetensors shard")
+
+
+class GateSettings(BaseModel):
+    """`publish.gate`: what a new version must show to become champion."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: Literal["bleu_4", "rouge_1", "rouge_2", "rouge_l"] = Field("rouge_l", description="a score of the eval stage")
+    direction: Literal["higher", "lower"] = "higher"
+    threshold: float | None = Field(None, description="the adapter's score must reach this (eval/<metric>)")
+    min_gain: float | None = Field(
+        0.0, description="the adapter must beat the base model by more than this (gain/<metric>); null: no check"
+    )
+    beat_champion: bool = Field(True, description="the adapter must beat the current champion's score")
+
+
+class PublishSettings(BaseModel):
+    """`publish:`: each trained adapter becomes a version of `registered_model`; the gate picks the champion."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    registered_model: str = Field(min_length=1)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    merged: MergedExportSettings = Field(default_factory=MergedExportSettings)
+    modelscope: ModelScopePushSettings | None = Field(
+        None, description="push each new champion's adapter to this ModelScope model repository"
+    )
+
+    @field_validator("registered_model")
+    @classmethod
+    def _searchable(cls, value: str) -> str:
+        if "'" in value and '"' in value:
+            raise ValueError("holds both ' and \"; MLflow's registry search cannot quote such a name")
+        return value

@@ -9,10 +9,11 @@ import mlflow.artifacts
 import pytest
 from mlflow.entities import LoggedModelStatus
 
-from npu_sft import publishing
-from npu_sft.adapter_model import MODEL_VERSIONS_TAG, AdapterFacts, PublishError, log_adapter_model
-from npu_sft.gate import GateSettings
-from npu_sft.publishing import CANDIDATE, CHAMPION, MODEL_ID_TAG, publish_version
+from npu_sft.publishing import versions
+from npu_sft.publishing.adapter_model import MODEL_VERSIONS_TAG, AdapterFacts, log_adapter_model
+from npu_sft.publishing.errors import PublishError, RegistryError
+from npu_sft.publishing.settings import GateSettings
+from npu_sft.publishing.versions import CANDIDATE, CHAMPION, MODEL_ID_TAG, publish_version
 from npu_sft.settings import MlflowSettings
 from npu_sft.tracking import RunTracker
 
@@ -96,7 +97,7 @@ def test_two_concurrent_publishes_leave_the_better_one_champion(
 ) -> None:
     publish(trained_run(store, tmp_path, 5.0), tmp_path)
     runs = [trained_run(store, tmp_path, 8.0), trained_run(store, tmp_path, 9.0)]
-    read_champion = publishing.current_champion
+    read_champion = versions.current_champion
 
     def slow_for_the_worse_run(tracker: RunTracker, name: str, metric: str):
         # The worse run decides slowly: without one decision at a time it would promote itself over the better run
@@ -106,7 +107,7 @@ def test_two_concurrent_publishes_leave_the_better_one_champion(
             time.sleep(1.0)
         return champion
 
-    monkeypatch.setattr(publishing, "current_champion", slow_for_the_worse_run)
+    monkeypatch.setattr(versions, "current_champion", slow_for_the_worse_run)
     start = threading.Barrier(2)
     results = {}
 
@@ -171,7 +172,7 @@ def test_a_publish_that_fails_midway_leaves_the_registry_as_it_was(store, tmp_pa
 
 def test_a_name_with_a_quote_and_spaces_publishes_resolves_and_republishes(store, tmp_path: Path) -> None:
     """The name goes into MLflow's registry search filters, which have no escape: it is quoted with the other quote."""
-    from npu_sft import registry
+    from npu_sft.publishing import registry
 
     name = "team's qwen adapter"
     tracker = trained_run(store, tmp_path, 10.0)
@@ -183,5 +184,5 @@ def test_a_name_with_a_quote_and_spaces_publishes_resolves_and_republishes(store
     assert first.version == again.version == "1"
     assert registry.resolve_version(store, name, "latest") == "1"
     assert registry.resolve_version(store, name, f"runs:/{tracker.run_id}") == "1"
-    with pytest.raises(registry.RegistryError, match="holds both quote characters"):
+    with pytest.raises(RegistryError, match="holds both quote characters"):
         registry.name_filter("""a'b"c""")

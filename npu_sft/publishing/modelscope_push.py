@@ -14,11 +14,11 @@ from modelscope_hub.config import get_default_config
 from modelscope_hub.errors import AlreadyExistsError, AuthenticationError, PermissionDeniedError
 from pydantic import SecretStr
 
-from npu_sft import registry
 from npu_sft.download.hub import HUB_CALL_ERRORS
 from npu_sft.download.settings import TOKEN_ENV_VAR
-from npu_sft.errors import BadInputError
-from npu_sft.push_settings import ModelScopePushSettings
+from npu_sft.publishing import registry
+from npu_sft.publishing.errors import PushError
+from npu_sft.publishing.settings import ModelScopePushSettings
 from npu_sft.secret_blocks import SecretBlockError, read_secret_block
 from npu_sft.settings import MlflowSettings
 from npu_sft.tracking import client_for
@@ -27,10 +27,6 @@ TOKEN_PAGE = "https://modelscope.cn/my/myaccesstoken"
 MODEL_CARD = "README.md"
 PUSHED_TAG = "modelscope.url"  # on a model version: the repository it was pushed to
 CARD_METRIC_PREFIXES = ("eval/", "base/", "gain/")
-
-
-class PushError(BadInputError, RuntimeError):
-    """The adapter did not reach the ModelScope repository; the registry is unchanged."""
 
 
 @dataclass(frozen=True)

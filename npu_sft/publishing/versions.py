@@ -1,5 +1,5 @@
 """Publishing a run's adapter: a version of the registered model made from the run's logged adapter model
-(`npu_sft.adapter_model`), `candidate` at once, `champion` when the gate says so. The gate's verdict and its numbers
+(`npu_sft.publishing.adapter_model`), `candidate` at once, `champion` when the gate says so. The gate's verdict and its numbers
 go to the version's tags and the run's."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from npu_sft.adapter_model import AdapterFacts, note_version
-from npu_sft.gate import Champion, GateDecision, GateSettings, decide
-from npu_sft.registry import CHAMPION, name_filter
+from npu_sft.publishing.adapter_model import AdapterFacts, note_version
+from npu_sft.publishing.gate import Champion, GateDecision, decide
+from npu_sft.publishing.registry import CHAMPION, name_filter
+from npu_sft.publishing.settings import GateSettings
 from npu_sft.tracking import RunTracker
 
 CANDIDATE = "candidate"

@@ -1,6 +1,6 @@
 """The run's adapter as an MLflow 3 logged model: its files, the facts a team needs to trust it (base model and its
 resolved revision, chat template, dataset content key), and the run's evaluation metrics linked to it, so MLflow's
-Models tab lists each adapter with its scores. The registry's versions are made from it (`npu_sft.publishing`)."""
+Models tab lists each adapter with its scores. The registry's versions are made from it (`npu_sft.publishing.versions`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
 
 from npu_sft.download import ModelSource, is_commit_id
-from npu_sft.errors import NpuSftError
+from npu_sft.publishing.errors import PublishError
 from npu_sft.settings import ConfigError, TinyModelSource
 from npu_sft.tracking import RunTracker
 
@@ -23,10 +23,6 @@ MODEL_TYPE = "peft-lora"
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # MLflow's own link from a logged model to its registered versions
 BASE_MODEL_TAG = "base_model"
 BASE_REVISION_TAG = "base_model.revision"
-
-
-class PublishError(NpuSftError, RuntimeError):
-    """The adapter could not be published; the registry is as it was before."""
 
 
 @dataclass(frozen=True)

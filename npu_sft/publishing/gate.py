@@ -1,6 +1,6 @@
 """The publish gate: whether a new adapter version becomes `champion`, and why, from the eval stage's scores.
 
-The decision is pure (numbers in, verdict and reason out), so it is tested without a registry; `publishing.py`
+The decision is pure (numbers in, verdict and reason out), so it is tested without a registry; `versions.py`
 applies it to the registry's aliases.
 """
 
@@ -9,23 +9,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class GateSettings(BaseModel):
-    """`publish.gate`: what a new version must show to become champion."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    metric: Literal["bleu_4", "rouge_1", "rouge_2", "rouge_l"] = Field("rouge_l", description="a score of the eval stage")
-    direction: Literal["higher", "lower"] = "higher"
-    threshold: float | None = Field(None, description="the adapter's score must reach this (eval/<metric>)")
-    min_gain: float | None = Field(
-        0.0, description="the adapter must beat the base model by more than this (gain/<metric>); null: no check"
-    )
-    beat_champion: bool = Field(True, description="the adapter must beat the current champion's score")
+from npu_sft.publishing.settings import GateSettings
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from npu_sft.adapter_model import AdapterFacts, log_adapter_model
 from npu_sft.engine import EngineSettings, export_command
-from npu_sft.merged_export import MERGED_VERSION_TAG, export_config, register_merged
-from npu_sft.publishing import register_version
-from npu_sft.registry import CHAMPION
+from npu_sft.publishing.adapter_model import AdapterFacts, log_adapter_model
+from npu_sft.publishing.merged_export import MERGED_VERSION_TAG, export_config, register_merged
+from npu_sft.publishing.registry import CHAMPION
+from npu_sft.publishing.versions import register_version
 from npu_sft.settings import MlflowSettings
 from npu_sft.tracking import RunTracker
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from npu_sft import registry
-from npu_sft.adapter_model import AdapterFacts, log_adapter_model
-from npu_sft.publishing import register_version
-from npu_sft.registry import RegistryError
+from npu_sft.publishing import registry
+from npu_sft.publishing.adapter_model import AdapterFacts, log_adapter_model
+from npu_sft.publishing.errors import RegistryError
+from npu_sft.publishing.versions import register_version
 from npu_sft.settings import MlflowSettings
 from npu_sft.tracking import RunTracker, client_for
 

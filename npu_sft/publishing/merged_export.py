@@ -12,10 +12,11 @@ from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from npu_sft.adapter_model import AdapterFacts, PublishError, note_version
 from npu_sft.engine import EngineSettings, export_command, process
-from npu_sft.push_settings import MergedExportSettings
-from npu_sft.registry import CHAMPION
+from npu_sft.publishing.adapter_model import AdapterFacts, note_version
+from npu_sft.publishing.errors import PublishError
+from npu_sft.publishing.registry import CHAMPION
+from npu_sft.publishing.settings import MergedExportSettings
 from npu_sft.tracking import RunTracker
 
 LOGGED_MODEL_NAME = "merged"

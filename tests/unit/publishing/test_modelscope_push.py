@@ -9,19 +9,19 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from npu_sft.adapter_model import AdapterFacts, log_adapter_model
 from npu_sft.download.settings import TOKEN_ENV_VAR
-from npu_sft.modelscope_push import (
+from npu_sft.publishing.adapter_model import AdapterFacts, log_adapter_model
+from npu_sft.publishing.errors import PushError
+from npu_sft.publishing.modelscope_push import (
     PUSHED_TAG,
     HubToken,
-    PushError,
     model_card,
     push_adapter,
     push_registered_version,
     push_token,
 )
-from npu_sft.publishing import register_version
-from npu_sft.push_settings import ModelScopePushSettings
+from npu_sft.publishing.settings import ModelScopePushSettings
+from npu_sft.publishing.versions import register_version
 from npu_sft.settings import MlflowSettings
 from npu_sft.tracking import RunTracker, client_for
 from tests.fakes.hub_standin import HubStandIn

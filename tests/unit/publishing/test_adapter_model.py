@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from npu_sft.adapter_model import adapter_facts, base_model_for
 from npu_sft.download import ModelSource
+from npu_sft.publishing.adapter_model import adapter_facts, base_model_for
 from npu_sft.settings import ConfigError, TinyModelSource
 
 RUN_TAGS = {"model.resolved_revision": "2f6b3c1e9d", "data.key": "data-0123", "model.revision": "master"}
