@@ -120,7 +120,7 @@ def _print_where_to_look(pipeline: Pipeline, run_id: str, console: Console) -> N
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from npu_sft.reevaluation import find_evaluation_target
+    from npu_sft.evaluation.reevaluation import find_evaluation_target
 
     pipeline = load_for_engine(args)
     target = find_evaluation_target(pipeline, args.run, args.version)  # before Prefect starts anything

@@ -12,8 +12,8 @@ from prefect.artifacts import create_table_artifact
 from npu_sft.devices import lease_devices
 from npu_sft.engine import DistributedLaunch
 from npu_sft.evaluation import EnginePredictor, Evaluation, evaluate_adapter, record_evaluation, sample_rows
+from npu_sft.evaluation.reevaluation import RECORDED_DIR, RESULTS, restore_training_record
 from npu_sft.publishing.registry import RegisteredAdapter
-from npu_sft.reevaluation import RECORDED_DIR, RESULTS, restore_training_record
 from npu_sft.settings import Pipeline
 from npu_sft.tracking import RunContext
 from npu_sft.training import launch_env

@@ -21,8 +21,8 @@ from prefect.runtime import deployment, flow_run
 from prefect.settings import PREFECT_UI_URL
 
 from npu_sft.engine.llamafactory_config import loggable_params
+from npu_sft.evaluation.reevaluation import run_dir_of
 from npu_sft.publishing.versions import Published
-from npu_sft.reevaluation import run_dir_of
 from npu_sft.settings import ConfigError, Pipeline, load_pipeline
 from npu_sft.tracking import FLOW_RUN_TAG, RunContext, RunTracker, end_runs_of_flow_run, tracking_uri
 from npu_sft.tracking.description import RunOrigin, pipeline_params, source_tags

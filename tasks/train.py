@@ -13,7 +13,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from npu_sft.datasets import PreparedData
 from npu_sft.devices import lease_devices, processes_on_devices
 from npu_sft.engine.llamafactory_config import resolve_train_config, without_secrets, write_config
-from npu_sft.reevaluation import RESULTS, RESULTS_ARTIFACT_DIR, RUN_CONFIG, RUN_CONFIG_ARTIFACT_DIR
+from npu_sft.evaluation.reevaluation import RESULTS, RESULTS_ARTIFACT_DIR, RUN_CONFIG, RUN_CONFIG_ARTIFACT_DIR
 from npu_sft.settings import Pipeline
 from npu_sft.tracking import RunContext, StepMetricSink
 from npu_sft.training import (

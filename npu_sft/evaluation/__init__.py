@@ -3,6 +3,12 @@
 evaluation = evaluate_adapter(run_config, settings.eval, adapter_dir=..., out_dir=..., predict=EnginePredictor(...),
                               engine=settings.engine, baseline_store=state_dir / "baselines", on_event=log.info)
 record_evaluation(run.tracker, evaluation, sample_rows(evaluation, settings.eval.samples))
+
+Modules: `settings`, `errors`, `models` (scores, baselines, an evaluation), `predict` (LLaMA-Factory's predict and
+its scores), `baseline` (the base model scored once per key), `stage` (the eval stage), `samples`, `recording` (what
+an evaluation writes into the run). `reevaluation` (`npu-sft evaluate`: the run or registered version to score
+again, its training record restored) reads the pipeline's settings, which import this package, so it is not
+imported here.
 """
 
 from npu_sft.evaluation.baseline import baseline_inputs, baseline_key, score_base_model

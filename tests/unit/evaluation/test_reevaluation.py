@@ -1,16 +1,14 @@
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
 import json
 import math
 import shutil
+from pathlib import Path
 
+import pytest
 import yaml
 
-from npu_sft.reevaluation import (
+from npu_sft.evaluation.reevaluation import (
     RESULTS,
     RUN_CONFIG,
     EvaluationTarget,
