@@ -15,9 +15,9 @@ from prefect import flow
 from npu_sft.serving import load_api_key
 from npu_sft.settings import load_pipeline
 from npu_sft.user_errors import quiet_user_error_tracebacks
-from tasks.registry import fetch_registered_adapter, resolve_registered_version
 from tasks.model import fetch_base_model
-from tasks.serve_registered import serve_until_cancelled, smoke_serve
+from tasks.registry import fetch_registered_adapter, resolve_registered_version
+from tasks.serve import serve_until_cancelled, smoke_test_registered
 
 quiet_user_error_tracebacks()  # bad input ends as one line, in the console and in Prefect's UI
 
@@ -55,5 +55,5 @@ def serve(
     if keep_serving:
         serve_until_cancelled(pipeline, model_path, adapter, port)
         return ServeResult(name, version, None)
-    reply = smoke_serve(pipeline, model_path, adapter)
+    reply = smoke_test_registered(pipeline, model_path, adapter)
     return ServeResult(name, version, reply)

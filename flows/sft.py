@@ -19,7 +19,7 @@ from tasks.model import fetch_model
 from tasks.prepare import download_datasets, prepare_data, record_datasets
 from tasks.publish import publish
 from tasks.push import check_push_token, push_to_modelscope
-from tasks.serve import serve_smoke_test
+from tasks.serve import smoke_test_trained
 from tasks.tracking import TRACKING_HOOKS, start_tracking, summarize_run
 from tasks.train import train
 from tasks.validate import check_engine_config
@@ -54,6 +54,6 @@ def sft(config: str, overrides: list[str] | None = None) -> SftResult:
         push_to_modelscope(pipeline, published)
     if published and published.decision.promote and pipeline.settings.publish.merged.enabled:
         export_merged_champion(pipeline, run, model_path, published)
-    reply = serve_smoke_test(pipeline, run, model_path, trained, published) if pipeline.settings.serve.enabled else None
+    reply = smoke_test_trained(pipeline, run, model_path, trained, published) if pipeline.settings.serve.enabled else None
     summarize_run(pipeline, run, metrics, published, reply)
     return SftResult(run.mlflow_run_id, metrics, published, reply)
