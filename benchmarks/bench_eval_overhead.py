@@ -27,28 +27,29 @@ import time
 from pathlib import Path
 
 import yaml
-
-from bench_train_overhead import REPO, free_port, generate_config
+from bench_train_overhead import REPO, generate_config, train_launch
 from bench_train_overhead import run_bare as run_bare_train
+
 from npu_sft.devices import DeviceSettings, lease_devices
-from npu_sft.engine import DistributedLaunch, EngineSettings
+from npu_sft.engine import EngineSettings
 from npu_sft.evaluation import EnginePredictor, EvalSettings, predict_config
-from npu_sft.training import RetryPolicy, launch_env, run_training
+from npu_sft.training import RetryPolicy, launch_env, launch_on, run_training
 
 
 def train_adapter(engine: EngineSettings, config_file: Path, output_dir: Path, work: Path) -> None:
-    run_training(
-        engine,
-        DistributedLaunch(nproc_per_node=2, master_port=free_port()),
-        config_file,
-        output_dir,
-        device_env=launch_env("cpu"),
-        log_file=work / "train.log",
-        on_line=lambda _: None,
-        on_event=print,
-        on_metrics=lambda _: None,
-        policy=RetryPolicy(max_attempts=1),
-    )
+    with train_launch(work) as (launch, device_env):
+        run_training(
+            engine,
+            launch,
+            config_file,
+            output_dir,
+            device_env=device_env,
+            log_file=work / "train.log",
+            on_line=lambda _: None,
+            on_event=print,
+            on_metrics=lambda _: None,
+            policy=RetryPolicy(max_attempts=1),
+        )
 
 
 def run_pipeline_path(engine: EngineSettings, config: dict, work: Path, name: str) -> float:
@@ -64,7 +65,7 @@ def run_pipeline_path(engine: EngineSettings, config: dict, work: Path, name: st
         with lease_devices(devices, task="eval", on_wait=logger.info) as lease:
             predictor = EnginePredictor(
                 engine,
-                DistributedLaunch(nproc_per_node=lease.nproc_per_node, master_port=lease.master_port),
+                launch_on(lease),
                 device_env={**lease.env(), **launch_env(lease.kind)},
                 log_file=work / f"{name}.eval.log",
                 on_line=logger.info,

@@ -36,12 +36,13 @@ from pathlib import Path
 
 import openai
 import yaml
-
 from bench_eval_overhead import train_adapter
-from bench_train_overhead import REPO, free_port, generate_config
+from bench_train_overhead import REPO, generate_config
+
 from npu_sft.devices import DeviceSettings, lease_devices
 from npu_sft.engine import EngineSettings, ServedModel, api_server_command
 from npu_sft.engine.process import start_background
+from npu_sft.ports import unused_port
 from npu_sft.serving import ServerSpec, api_server, wait_until_ready
 from npu_sft.settings import ServeSettings
 
@@ -87,7 +88,7 @@ def pipeline_server(
     devices = DeviceSettings(kind="cpu", cpu_virtual_devices=2, serve=1, state_dir=work / "leases")
     with lease_devices(devices, task="serve") as lease:
         spec = ServerSpec(
-            engine, ServeSettings(max_concurrent=max_concurrent), model, lease.env(), free_port(),
+            engine, ServeSettings(max_concurrent=max_concurrent), model, lease.env(), unused_port(),
             work / f"pipeline-{max_concurrent}.serve.log",
         )
         with api_server(spec, api_key) as running:
@@ -98,7 +99,7 @@ def pipeline_server(
 def bare_server(
     engine: EngineSettings, model: ServedModel, work: Path, max_concurrent: int, api_key: str
 ) -> Iterator[str]:
-    port = free_port()
+    port = unused_port()
     # The same arguments and environment, run as a user would: `llamafactory-cli api`, no wrapper, output to a file.
     same = api_server_command(engine, model, ServeSettings(max_concurrent=max_concurrent), port=port, api_key=api_key)
     argv = [str(Path(engine.python).parent / "llamafactory-cli"), *same.argv[same.argv.index("api"):]]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,17 +27,12 @@ from pathlib import Path
 
 from npu_sft import host_processes
 from npu_sft.engine import EngineSettings, bare_train_command
+from npu_sft.ports import unused_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 TRAINER_LOG = "trainer_log.jsonl"
 TIMEOUT_S = 600.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def time_to_first_step(argv: list[str], env: dict[str, str], cwd: Path, trainer_logs: Callable[[], list[Path]],
@@ -81,7 +75,7 @@ def bare_side(engine: EngineSettings, config_file: Path, work: Path, name: str) 
     own_config = work / f"{name}.yaml"
     own_config.write_text("\n".join(lines) + "\n", encoding="utf-8")
     command = bare_train_command(engine, own_config, env={
-        "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port()),
+        "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(unused_port()),
         "PATH": f"{Path(engine.python).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     })
     return time_to_first_step(command.argv, {**os.environ, **command.env}, work,

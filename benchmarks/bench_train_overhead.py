@@ -5,7 +5,7 @@
 Both run the SAME generated LLaMA-Factory YAML (the demo pipeline's tiny model and datasets, epochs raised so the
 training takes well over a minute) with 2 CPU ranks:
 
-- pipeline: `npu_sft.training.run_training` exactly as the train task calls it (torchrun, output streamed into a
+- pipeline: `npu_sft.training.run_training` exactly as the train task calls it (on a device lease, torchrun, output streamed into a
   logger and a log file, trainer_log.jsonl followed every second, each step logged to an MLflow run, ranks' memory
   sampled, the retry machinery armed);
 - bare: `FORCE_TORCHRUN=1 NPROC_PER_NODE=2 llamafactory-cli train CONFIG`, output to a file.
@@ -23,22 +23,24 @@ import logging
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from npu_sft.datasets import prepare_datasets
+from npu_sft.devices import DeviceSettings, lease_devices
 from npu_sft.engine import DistributedLaunch, EngineSettings, bare_train_command
 from npu_sft.engine.llamafactory_config import resolve_train_config, write_config
 from npu_sft.engine.tiny_model import ensure_tiny_model, tokenizer_file
+from npu_sft.ports import unused_port
 from npu_sft.settings import MlflowSettings, load_pipeline
 from npu_sft.tracking import RunTracker
-from npu_sft.training import RetryPolicy, launch_env, run_figures, run_training
+from npu_sft.training import RetryPolicy, TrainingSettings, launch_env, launch_on, run_figures, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
@@ -46,10 +48,18 @@ MIN_TRAINING_S = 60.0
 WARM_UP_EPOCHS = 2
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def train_devices(work: Path) -> tuple[DeviceSettings, TrainingSettings]:
+    """The demo pipeline's devices (2 CPU train ranks), their leases kept in `work`, and its training settings."""
+    settings = load_pipeline(DEMO_CONFIG).settings
+    return settings.devices.model_copy(update={"state_dir": work / "leases"}), settings.training
+
+
+@contextmanager
+def train_launch(work: Path) -> Iterator[tuple[DistributedLaunch, dict[str, str]]]:
+    """The launch and device variables the train task gives run_training, on a lease of the demo's devices."""
+    devices, training = train_devices(work)
+    with lease_devices(devices, task="train") as lease:
+        yield launch_on(lease, training), {**lease.env(), **launch_env(lease.kind)}
 
 
 def generate_config(
@@ -90,26 +100,27 @@ def run_pipeline_path(
     handler = logging.FileHandler(work / f"{name}.task.log")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    started = time.monotonic()
-    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     try:
-        result = run_training(
-            engine,
-            DistributedLaunch(nproc_per_node=2, master_port=free_port()),
-            config_file,
-            output_dir,
-            device_env=launch_env("cpu"),
-            log_file=work / f"{name}.train.log",
-            on_line=logger.info,
-            on_event=logger.warning,
-            on_metrics=tracker.log_metrics,
-            policy=RetryPolicy(max_attempts=1),
-        )
+        with train_launch(work) as (launch, device_env):
+            started = time.monotonic()
+            cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+            result = run_training(
+                engine,
+                launch,
+                config_file,
+                output_dir,
+                device_env=device_env,
+                log_file=work / f"{name}.train.log",
+                on_line=logger.info,
+                on_event=logger.warning,
+                on_metrics=tracker.log_metrics,
+                policy=RetryPolicy(max_attempts=1),
+            )
+            elapsed = time.monotonic() - started
+            cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     finally:
         logger.removeHandler(handler)
         handler.close()
-    elapsed = time.monotonic() - started
-    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     # This process's own CPU (streaming, following, MLflow): the overhead figure a busy machine cannot blur.
     own_cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     print(f"  orchestrator CPU: {own_cpu_s:.1f} s over {elapsed:.0f} s ({own_cpu_s / elapsed:.1%} of one core)")
@@ -130,7 +141,7 @@ def run_bare(
         env={
             "FORCE_TORCHRUN": "1",
             "NPROC_PER_NODE": str(nproc),
-            "MASTER_PORT": str(free_port()),
+            "MASTER_PORT": str(unused_port()),
             # llamafactory-cli runs `torchrun` from PATH: the engine env's own.
             "PATH": f"{Path(engine.python).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             **(env or {}),

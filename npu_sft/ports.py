@@ -19,3 +19,11 @@ def port_is_free(port: int, host: str = "") -> bool:
         except OSError:
             return False
     return True
+
+
+def unused_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, the OS's pick, for a server started next by a test or a benchmark (the
+    pipeline's own ports come from settings, and torchrun's from the device lease's reservation)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]

@@ -10,13 +10,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from npu_sft.devices import lease_devices
-from npu_sft.engine import DistributedLaunch
 from npu_sft.evaluation import EnginePredictor, Evaluation, evaluate_adapter, record_evaluation, sample_rows
 from npu_sft.evaluation.reevaluation import RECORDED_DIR, RESULTS, restore_training_record
 from npu_sft.publishing.registry import RegisteredAdapter
 from npu_sft.settings import Pipeline
 from npu_sft.tracking import RunContext
-from npu_sft.training import launch_env
+from npu_sft.training import launch_env, launch_on
 from tasks.train import Trained
 
 SAMPLES_ARTIFACT_KEY = "eval-samples"
@@ -46,7 +45,7 @@ def evaluate(
         logger.info("evaluating on %s devices %s", lease.kind, devices)
         predictor = EnginePredictor(
             settings.engine,
-            DistributedLaunch(nproc_per_node=lease.nproc_per_node, master_port=lease.master_port),
+            launch_on(lease),
             device_env={**lease.env(), **launch_env(lease.kind)},
             log_file=run.logs_dir / "eval.log",
             on_line=logger.info,

@@ -22,10 +22,10 @@ from npu_sft.training import (
     FailureKind,
     RetryPolicy,
     TrainingFailed,
-    distributed_launch,
     estimated_train_tokens_per_epoch,
     evaluation_results,
     launch_env,
+    launch_on,
     run_figures,
     run_training,
 )
@@ -95,7 +95,7 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
 
     with lease_devices(settings.devices, task="train", flow_run_id=run.flow_run_id, on_wait=logger.info) as lease:
         logger.info("training on %s devices %s", lease.kind, ",".join(str(i) for i in lease.ids))
-        launch = distributed_launch(settings.training, nproc_per_node=lease.nproc_per_node, master_port=lease.master_port)
+        launch = launch_on(lease, settings.training)
         metrics = StepMetricSink(run.tracker, on_warning=logger.warning)
         progress = ProgressReporter(progress_id, on_warning=logger.warning)
         try:

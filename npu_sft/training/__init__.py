@@ -14,7 +14,7 @@ from npu_sft.training.attempts import STALL_STACKS_PREFIX, run_training
 from npu_sft.training.errors import DevicesStillBusy, TrainingFailed
 from npu_sft.training.failures import Failure, FailureKind, classify_failure
 from npu_sft.training.figures import estimated_train_tokens_per_epoch, run_figures
-from npu_sft.training.launch import distributed_launch, launch_env
+from npu_sft.training.launch import distributed_launch, launch_env, launch_on
 from npu_sft.training.models import Attempt, TrainingResult
 from npu_sft.training.outputs import collect_adapter, evaluation_results, read_results
 from npu_sft.training.retry import RetryPolicy
@@ -42,6 +42,7 @@ __all__ = [
     "estimated_train_tokens_per_epoch",
     "evaluation_results",
     "launch_env",
+    "launch_on",
     "read_results",
     "run_figures",
     "run_training",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from npu_sft.devices import Lease
 from npu_sft.engine import DistributedLaunch
 from npu_sft.training.settings import TrainingSettings
 
@@ -15,6 +16,14 @@ def distributed_launch(settings: TrainingSettings, *, nproc_per_node: int, maste
         node_rank=settings.node_rank,
         master_addr=settings.master_addr,
     )
+
+
+def launch_on(lease: Lease, training: TrainingSettings | None = None) -> DistributedLaunch:
+    """torchrun's layout on a device lease: the lease's processes and its reserved MASTER_PORT on this node; a
+    training's nodes come from `training:`, a predict run (the eval stage) stays on this node."""
+    if training is None:
+        return DistributedLaunch(nproc_per_node=lease.nproc_per_node, master_port=lease.master_port)
+    return distributed_launch(training, nproc_per_node=lease.nproc_per_node, master_port=lease.master_port)
 
 
 def launch_env(device_kind: str) -> dict[str, str]:

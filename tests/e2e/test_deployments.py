@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -39,7 +38,7 @@ from npu_sft.ops import HOST
 from npu_sft.ops.reconcile import RECONCILED_TAG, RUN_ID_VAR, is_flow_engine
 from npu_sft.ops.settings import ServiceSettings
 from npu_sft.ops.supervisor import MARKER_VAR, read_record
-from npu_sft.ports import port_is_free
+from npu_sft.ports import port_is_free, unused_port
 from npu_sft.tracking import END_REASON_TAG
 
 pytestmark = pytest.mark.e2e
@@ -51,12 +50,6 @@ DEPLOYMENTS = {"sft/qwen7b", "sft/tiny", "serve/qwen7b", "serve/tiny"}
 # Two epochs instead of three keeps the run short; with one the tiny model's smoke-test reply is empty.
 EPOCHS_OVERRIDE = "llamafactory.overrides.num_train_epochs=2"
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -118,8 +111,8 @@ def project(tmp_path_factory: pytest.TempPathFactory, repo: Path, engine_python:
     (root / ".npu-sft" / "engine").symlink_to(repo / ".npu-sft" / "engine")  # the default engine.python path
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "NPU_SFT_"))}
     env.update(
-        NPU_SFT_PREFECT_PORT=str(free_port()),
-        NPU_SFT_MLFLOW_PORT=str(free_port()),
+        NPU_SFT_PREFECT_PORT=str(unused_port()),
+        NPU_SFT_MLFLOW_PORT=str(unused_port()),
         NPU_SFT_WORKER_NAME=f"e2e-{uuid.uuid4().hex[:8]}",
         NPU_SFT_STOP_GRACE_S="5",
         NPU_SFT_FLOW_RUN_STOP_GRACE_S="20",
@@ -286,7 +279,7 @@ def test_serve_keeps_serving_until_the_run_is_cancelled(project: Project) -> Non
     with temporary_settings({PREFECT_API_URL: project.settings.api_url}):
         Secret(value=api_key).save("e2e-serve-key", overwrite=True)
     published_by = project.mlflow().get_model_version("tiny-qwen2-lora", "1").run_id
-    port = free_port()
+    port = unused_port()
     flow_run_id = start_serving(
         project, port, model_version=f"runs:/{published_by}",
         overrides=[*project.overrides[1:], "serve.api_key_secret=e2e-serve-key"],
@@ -326,7 +319,7 @@ def test_serve_keeps_serving_until_the_run_is_cancelled(project: Project) -> Non
 
 def test_sigterm_to_a_serving_flow_stops_the_server_and_frees_its_devices(project: Project) -> None:
     """What `kill`, systemd or a container runtime sends the flow's process: the same clean stop as a cancel."""
-    port = free_port()
+    port = unused_port()
     flow_run_id = start_serving(project, port, overrides=project.overrides[1:])  # the champion, the worker's key
     headers = {"Authorization": f"Bearer {project.env['NPU_SFT_API_KEY']}"}
     base = f"http://127.0.0.1:{port}/v1"

@@ -12,7 +12,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from npu_sft.datasets import prepare_datasets
 from npu_sft.engine import DistributedLaunch
 from npu_sft.engine.llamafactory_config import resolve_train_config, write_config
 from npu_sft.engine.tiny_model import ensure_tiny_model, tokenizer_file
+from npu_sft.ports import unused_port
 from npu_sft.settings import Pipeline, load_pipeline
 from npu_sft.training import FailureKind, RetryPolicy, StallSettings, launch_env, run_training
 
@@ -200,12 +200,6 @@ def test_rank_killed_at_a_random_step_resumes_in_the_same_mlflow_run(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class TinyTraining:
     pipeline: Pipeline
@@ -253,7 +247,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(
     logged: list[tuple[str, float, int]] = []
     result = run_training(
         tiny.pipeline.settings.engine,
-        DistributedLaunch(nproc_per_node=2, master_port=free_port()),
+        DistributedLaunch(nproc_per_node=2, master_port=unused_port()),
         config_file,
         output_dir,
         device_env=launch_env("cpu"),
@@ -325,7 +319,7 @@ def test_a_rank_crashing_after_the_final_outputs_leaves_a_finished_training(
     output_dir = Path(tiny.config["output_dir"])
     train = dict(
         engine=tiny.pipeline.settings.engine,
-        launch=DistributedLaunch(nproc_per_node=2, master_port=free_port()),
+        launch=DistributedLaunch(nproc_per_node=2, master_port=unused_port()),
         config_file=config_file,
         output_dir=output_dir,
         device_env=launch_env("cpu"),
@@ -351,7 +345,7 @@ def test_a_rank_crashing_after_the_final_outputs_leaves_a_finished_training(
     for name in ("adapter_model.safetensors", "eval_results.json", "all_results.json"):
         (output_dir / name).unlink()
     events.clear()
-    again = run_training(**{**train, "launch": DistributedLaunch(nproc_per_node=2, master_port=free_port())},
+    again = run_training(**{**train, "launch": DistributedLaunch(nproc_per_node=2, master_port=unused_port())},
                          on_event=events.append)
     assert again.attempts == [] and again.finished_from_checkpoint == output_dir / f"checkpoint-{PLANNED_STEPS}"
     assert (output_dir / "adapter_model.safetensors").is_file()
@@ -386,7 +380,7 @@ def test_a_stopped_rank_is_found_stalled_and_the_training_resumes_from_its_newes
     stall = StallSettings(startup_s=300, step_floor_s=3, step_factor=10, phase_s=60)
     result = run_training(
         tiny.pipeline.settings.engine,
-        DistributedLaunch(nproc_per_node=2, master_port=free_port()),
+        DistributedLaunch(nproc_per_node=2, master_port=unused_port()),
         config_file,
         output_dir,
         device_env=launch_env("cpu"),

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from npu_sft.ports import port_is_free
+from npu_sft.ports import port_is_free, unused_port
 
 
 @pytest.mark.parametrize("host", ["", "127.0.0.1"])
@@ -32,3 +32,12 @@ def test_a_port_just_left_by_a_connection_is_free_as_servers_rebind_it() -> None
         accepted.close()
     client.close()
     assert port_is_free(port, "127.0.0.1")
+
+
+def test_an_unused_port_can_be_listened_on() -> None:
+    port = unused_port()
+    assert port_is_free(port, "127.0.0.1")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        assert not port_is_free(port, "127.0.0.1")

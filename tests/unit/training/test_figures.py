@@ -18,7 +18,6 @@ from npu_sft.training import (
     TrainingResult,
     TrainingSettings,
     estimated_train_tokens_per_epoch,
-    launch_env,
     run_figures,
     step_metrics,
 )
@@ -173,11 +172,6 @@ def test_token_estimate_caps_rows_at_cutoff_len() -> None:
     assert estimated_train_tokens_per_epoch(406, 50.5, 128) == pytest.approx(406 * 50.5)
     assert estimated_train_tokens_per_epoch(10, 300.0, 128) == 1280
     assert estimated_train_tokens_per_epoch(10, None, 128) is None
-
-
-def test_launch_env_lets_cpu_runs_resume() -> None:
-    assert launch_env("cpu") == {"RECORD_VRAM": "1", "ACCELERATE_TORCH_DEVICE": "cpu"}
-    assert launch_env("npu") == {"RECORD_VRAM": "1"}
 
 
 def test_retry_policy_comes_from_the_training_settings() -> None:
