@@ -7,6 +7,7 @@
     npu-sft evaluate configs/tiny_cpu.yaml --version champion   # the champion, as the registry holds it
     npu-sft prepare configs/tiny_cpu.yaml          # dataset preparation alone
     npu-sft devices                                # device inventory and current leases
+    npu-sft doctor configs/qwen7b.yaml             # is this host ready for the config: devices, CANN, HCCL
     npu-sft compare sft-tiny                       # an experiment's runs, best first, the params that differ
 """
 
@@ -59,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="a version of publish.registered_model (a number, latest, champion), scored from the registry's files")
     with_config("plan", "validate a config and print the engine config, devices and command, starting nothing")
     with_config("prepare", "run dataset preparation alone and print its statistics and rejects")
+    doctor = commands.add_parser("doctor", help="check this host for what a config needs (devices, CANN, HCCL), "
+                                 "one line per check with the fix")
+    doctor.add_argument("config", nargs="?", help="pipeline config (YAML); without one: this host's devices")
+    doctor.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     devices = commands.add_parser("devices", help="show the device inventory and current leases")
     devices.add_argument("--config", help="pipeline config whose `devices:` settings to use")
     compare = commands.add_parser("compare", help="an experiment's runs best first, with the params that differ")

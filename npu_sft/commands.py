@@ -27,6 +27,7 @@ def run_command(args: argparse.Namespace) -> int:
         "plan": plan,
         "prepare": prepare,
         "devices": devices,
+        "doctor": doctor,
         "compare": compare,
     }
     return handlers[args.command](args)
@@ -176,6 +177,19 @@ def devices(args: argparse.Namespace) -> int:
     settings = load_pipeline(args.config).settings.devices if args.config else DeviceSettings()
     Console().print(*render_device_report(settings), sep="\n")
     return 0
+
+
+def doctor(args: argparse.Namespace) -> int:
+    """Exit 0 when nothing is an error (warnings included), 1 otherwise."""
+    import os
+
+    from npu_sft.doctor import diagnose, render_findings, worst
+
+    pipeline = load_pipeline(args.config, args.overrides) if args.config else None
+    findings = diagnose(pipeline, os.environ)
+    title = f"npu-sft doctor: {pipeline.config_file}" if pipeline is not None else "npu-sft doctor: this host"
+    Console().print(*render_findings(title, findings), sep="\n")
+    return 1 if worst(findings) == "error" else 0
 
 
 def compare(args: argparse.Namespace) -> int:

@@ -1,0 +1,12 @@
+"""`npu-sft doctor [CONFIG]`: whether this host can run a config, one line per check (ok / warning / error, with the
+fix): the device tool and each card (health, processes, a supported chip), enough cards for each task, CANN where the
+engine finds it, HCCL's timeout against ddp_timeout.
+
+Modules: `models` (Finding), `devices`, `ascend` (CANN, HCCL), `diagnose` (every check for a config), `report`.
+"""
+
+from npu_sft.doctor.diagnose import diagnose
+from npu_sft.doctor.models import Finding, worst
+from npu_sft.doctor.report import render_findings
+
+__all__ = ["Finding", "diagnose", "render_findings", "worst"]
