@@ -13,14 +13,23 @@ from npu_sft.doctor.models import Finding, ok
 UNSUPPORTED_CHIPS = {"310P": "an inference card LLaMA-Factory does not train on (LLaMA-Factory #10418); use 910B cards"}
 
 
-def check_devices(settings: DeviceSettings, environ: Mapping[str, str]) -> list[Finding]:
+def check_devices(settings: DeviceSettings, environ: Mapping[str, str]) -> tuple[list[Finding], Inventory | None]:
+    """The findings, and the inventory when the device tool answered."""
     try:
         inventory = take_inventory(settings, environ=environ)
     except DeviceToolMissing as err:
-        return [Finding("devices", "error", str(err), _install_hint(settings.kind))]
+        return [Finding("devices", "error", str(err), _install_hint(settings.kind))], None
     except DeviceError as err:
-        return [Finding("devices", "error", str(err), "check the driver: `npu-smi info` (or nvidia-smi) must answer")]
-    return [_summary(inventory), *_cards(inventory), *_requests(settings, inventory)]
+        return [Finding("devices", "error", str(err), "check the driver: `npu-smi info` (or nvidia-smi) must answer")], None
+    return [_summary(inventory), *_cards(inventory), *_requests(settings, inventory)], inventory
+
+
+def train_ids(settings: DeviceSettings, inventory: Inventory) -> tuple[int, ...]:
+    """The cards a training lease would get if it started now: the listed ids, or the first usable ones."""
+    request = settings.train
+    if isinstance(request, int):
+        return inventory.usable_ids[:request]
+    return tuple(request)
 
 
 def _install_hint(kind: str) -> str:

@@ -4,6 +4,7 @@ users report ending as one finding that names what was seen and the fix."""
 from __future__ import annotations
 
 import platform
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from npu_sft.settings import load_pipeline
 from tests.fakes.devices import put_fake_tools_on_path
 
 REPO = Path(__file__).resolve().parents[3]
+TORCH_NPU_STANDIN = REPO / "tests" / "fakes" / "torch_npu_standin"
 QWEN7B = REPO / "configs" / "qwen7b.yaml"
 TINY = REPO / "configs" / "tiny_cpu.yaml"
 
@@ -26,7 +28,10 @@ def by_check(findings: list[Finding]) -> dict[str, Finding]:
 
 
 def npu_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixture: str, cann: str | None = "9.1.0") -> dict[str, str]:
-    put_fake_tools_on_path(monkeypatch, tmp_path / "bin", "npu-smi", FAKE_NPU_SMI_FIXTURE=fixture)
+    bash = shutil.which("bash")  # engine.env_script is sourced by bash; PATH is about to hold only the doubles
+    bin_dir = put_fake_tools_on_path(monkeypatch, tmp_path / "bin", "npu-smi", FAKE_NPU_SMI_FIXTURE=fixture)
+    if bash is not None:
+        (bin_dir / "bash").symlink_to(bash)
     root = tmp_path / "Ascend"
     if cann is not None:
         info = root / "ascend-toolkit" / "latest" / f"{platform.machine()}-linux" / "ascend_toolkit_install.info"
@@ -36,19 +41,51 @@ def npu_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixture: str, cann
     return {ASCEND_ROOT_VAR: str(root)}
 
 
-def qwen7b(tmp_path: Path, *overrides: str):
+def qwen7b(tmp_path: Path, *overrides: str, torch_npu: str | None = "ok:8"):
+    """The recipe's config on the fake host; the engine env's torch gets the torch_npu stand-in in mode `torch_npu`."""
+    standin = [f"engine.env.PYTHONPATH={TORCH_NPU_STANDIN}", f"engine.env.FAKE_TORCH_NPU={torch_npu}"]
     return load_pipeline(QWEN7B, [f"devices.state_dir={tmp_path / 'leases'}",
                                   f"engine.env_script={tmp_path / 'Ascend' / 'ascend-toolkit' / 'set_env.sh'}",
-                                  *overrides])
+                                  *(standin if torch_npu else []), *overrides])
 
 
-def test_a_healthy_910b_host_is_ready_for_the_qwen7b_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_healthy_910b_host_is_ready_for_the_qwen7b_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine_python: Path
+) -> None:
     environ = npu_host(tmp_path, monkeypatch, "8x910B3")
     found = by_check(diagnose(qwen7b(tmp_path, "llamafactory.overrides.ddp_timeout=1800"), environ))
     assert found["devices"].status == "ok" and "8 npu (910B3) from npu-smi info, 8 usable" in found["devices"].detail
     assert found["CANN"].status == "ok" and found["CANN"].detail.startswith("9.1.0 (")
     assert found["HCCL timeout"].status == "ok"
+    assert "torch_npu 2.14.0: a small matmul on each card (npu 0,1,2,3)" in found["engine"].detail
     assert {finding.status for finding in found.values()} == {"ok"}
+
+
+def test_a_card_without_kernels_is_named_with_cann_s_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine_python: Path
+) -> None:
+    environ = npu_host(tmp_path, monkeypatch, "8x910B3")
+    # The lease would get cards 2 and 5, seen by torch as 0 and 1; the second has no Cast kernel.
+    pipeline = qwen7b(tmp_path, "devices.train=[2, 5]", torch_npu="no-kernels:1")
+    found = by_check(diagnose(pipeline, environ))
+    assert found["NPU 5"].status == "error" and "Op Cast does not has any binary" in found["NPU 5"].detail
+    assert "Ascend-cann-kernels" in found["NPU 5"].fix and "NPU 2" not in found
+
+
+@pytest.mark.parametrize(
+    ("torch_npu", "said", "fix"),
+    [
+        ("no-cann", "import torch_npu: ImportError: libhccl.so: cannot open shared object file", "engine.env_script"),
+        ("unavailable", "torch_npu 2.14.0: no npu available to torch (it would run on the CPU)", "/dev/davinci"),
+        (None, "import torch_npu: ModuleNotFoundError: No module named 'torch_npu'", "scripts/setup-envs"),
+    ],
+)
+def test_torch_npu_that_cannot_reach_the_cards_says_why(
+    torch_npu: str | None, said: str, fix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine_python: Path
+) -> None:
+    environ = npu_host(tmp_path, monkeypatch, "8x910B3")
+    found = by_check(diagnose(qwen7b(tmp_path, torch_npu=torch_npu), environ))["engine"]
+    assert found.status == "error" and said in found.detail and fix in found.fix
 
 
 def test_a_310p_card_is_refused_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,7 +104,9 @@ def test_an_unhealthy_card_and_too_few_usable_cards_are_errors(tmp_path: Path, m
     assert found["devices.train"].status == "error" and "needs 8 npu" in found["devices.train"].detail
 
 
-def test_busy_cards_are_a_warning_naming_the_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_busy_cards_are_a_warning_naming_the_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine_python: Path
+) -> None:
     environ = npu_host(tmp_path, monkeypatch, "8x910B3_busy")
     busy = [f for f in diagnose(qwen7b(tmp_path, "devices.train=1"), environ) if f.check.startswith("NPU ")]
     assert busy and all(finding.status == "warning" and "processes" in finding.detail for finding in busy)
@@ -85,6 +124,7 @@ def test_a_container_engine_leaves_cann_to_the_container(tmp_path: Path, monkeyp
     pipeline = qwen7b(tmp_path, "engine.python=python", "engine.command_prefix=[docker, exec, -i, llamafactory]")
     found = by_check(diagnose(pipeline, environ))
     assert found["CANN"].status == "warning" and "docker exec -i llamafactory" in found["CANN"].detail
+    assert found["engine"].status == "error" and found["engine"].detail.startswith("cannot start docker: ")
 
 
 @pytest.mark.parametrize(
@@ -118,7 +158,8 @@ def test_the_cli_passes_the_demo_config_here_and_fails_qwen7b_in_a_table(
 ) -> None:
     monkeypatch.setenv("COLUMNS", "80")
     assert main(["doctor", str(TINY), "--set", f"devices.state_dir={tmp_path}"]) == 0
-    assert "ready: 0 errors, 0 warnings" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ready: 0 errors, 0 warnings" in out and "a small matmul on the CPU" in out
     put_fake_tools_on_path(monkeypatch, tmp_path / "bin")
     monkeypatch.setenv(ASCEND_ROOT_VAR, str(tmp_path / "none"))
     assert main(["doctor", str(QWEN7B)]) == 1
