@@ -12,6 +12,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from npu_sft.datasets import PreparedData
 from npu_sft.devices import lease_devices, processes_on_devices
+from npu_sft.doctor import require_working_cards
 from npu_sft.engine.llamafactory_config import resolve_train_config, without_secrets, write_config
 from npu_sft.evaluation.reevaluation import RESULTS, RESULTS_ARTIFACT_DIR, RUN_CONFIG, RUN_CONFIG_ARTIFACT_DIR
 from npu_sft.settings import Pipeline
@@ -95,6 +96,8 @@ def train(pipeline: Pipeline, run: RunContext, model_path: Path, data: PreparedD
 
     with lease_devices(settings.devices, task="train", flow_run_id=run.flow_run_id, on_wait=logger.info) as lease:
         logger.info("training on %s devices %s", lease.kind, ",".join(str(i) for i in lease.ids))
+        if settings.training.guards.enabled and settings.training.guards.probe_devices:
+            require_working_cards(settings.engine, lease)
         launch = launch_on(lease, settings.training)
         metrics = StepMetricSink(run.tracker, on_warning=logger.warning)
         progress = ProgressReporter(progress_id, on_warning=logger.warning)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from npu_sft.devices import Lease
 from npu_sft.devices.models import VISIBLE_DEVICES_VAR, DeviceKind
+from npu_sft.doctor.errors import CardsNotWorking
 from npu_sft.doctor.models import Finding, ok
 from npu_sft.engine import EngineSettings, engine_script_command, process
 
@@ -30,6 +32,20 @@ def probe_engine(engine: EngineSettings, kind: DeviceKind, ids: tuple[int, ...])
         return [Finding("engine", "error", f"the engine's python did not run the probe (exit {completed.returncode}): "
                         f"{last}", "check engine.python (and engine.command_prefix) in the config")]
     return read_probe(found, kind, ids)
+
+
+def require_working_cards(engine: EngineSettings, lease: Lease) -> None:
+    """The doctor's device check on a training's lease, before its first attempt: a broken card, CANN not loaded or
+    torch-npu missing stop the run in seconds instead of minutes into (or days on the CPU through) a training. The
+    CPU always computes, so a CPU lease is not probed."""
+    if lease.kind == "cpu":
+        return
+    errors = [finding for finding in probe_engine(engine, lease.kind, lease.ids) if finding.status == "error"]
+    if errors:
+        raise CardsNotWorking(
+            f"the {lease.kind} lease ({','.join(map(str, lease.ids))}) cannot train: "
+            + "; ".join(f"{finding.check}: {finding.detail} (fix: {finding.fix})" for finding in errors)
+        )
 
 
 def read_probe(found: dict[str, Any], kind: DeviceKind, ids: tuple[int, ...]) -> list[Finding]:

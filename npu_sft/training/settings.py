@@ -28,6 +28,10 @@ class GuardSettings(_Strict):
     diverged_steps: int = Field(
         3, ge=1, description="logged steps in a row with a NaN, infinite or zero loss that stop the run as diverged"
     )
+    probe_devices: bool = Field(
+        True, description="before the first attempt on NPUs or GPUs, the engine env multiplies a small matrix on each "
+        "leased card (npu-sft doctor's check): a card that cannot compute stops the run in seconds, named"
+    )
 
 
 class TrainingSettings(_Strict):

@@ -300,6 +300,9 @@ def test_ranks_on_the_cpu_under_an_npu_lease_stop_the_run_in_seconds_naming_the_
     completed = run_cli(
         tmp_path, "demo", "--set", f"engine.python={engine_python}", "--set", f"devices.state_dir={tmp_path / 'leases'}",
         "--set", "devices.kind=npu", "--set", "mlflow.experiment=sft-wrong-device",
+        # The device probe before training would stop this run first (next test): here the guard inside the run is
+        # what is tested, for ranks that end up on the CPU although torch_npu answered the probe.
+        "--set", "training.guards.probe_devices=false",
         env={"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "FAKE_NPU_SMI_FIXTURE": "8x910B3_idle"},
     )
     output = completed.stdout + completed.stderr
@@ -313,6 +316,31 @@ def test_ranks_on_the_cpu_under_an_npu_lease_stop_the_run_in_seconds_naming_the_
     (run,) = client.search_runs([client.get_experiment_by_name("sft-wrong-device").experiment_id])
     assert run.info.status == "FAILED" and "ran on the wrong device" in run.data.tags["npu_sft.end_reason"]
     assert "loss" not in run.data.metrics  # stopped before the first step
+
+
+def test_an_npu_lease_torch_cannot_use_stops_the_run_before_training(tmp_path: Path, engine_python: Path) -> None:
+    # The seeds' 8 x 910B3 and an engine env without torch-npu (LLaMA-Factory #4159 / #6461, where training goes on
+    # for days on the CPU): the lease's device probe stops the run before torchrun starts, saying what to install.
+    # (A card without kernels is the unit tests' case: a torch_npu stand-in on the engine's path would also be
+    # imported by transformers in the ranks.)
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "npu-smi").symlink_to(FAKE_BIN / "npu-smi")
+    completed = run_cli(
+        tmp_path, "demo", "--set", f"engine.python={engine_python}", "--set", f"devices.state_dir={tmp_path / 'leases'}",
+        "--set", "devices.kind=npu", "--set", "mlflow.experiment=sft-no-torch-npu",
+        env={"PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "FAKE_NPU_SMI_FIXTURE": "8x910B3_idle"},
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 2, output[-3000:]
+    assert re.search(r"npu-sft: error: the npu lease \(\d,\d\) cannot train: engine: import torch_npu: "
+                     r"ModuleNotFoundError: No module named 'torch_npu' \(fix: the engine env has no torch-npu: "
+                     r"scripts/setup-envs on this host installs it", output), output[-3000:]
+    assert "training attempt 1/" not in output  # no torchrun started
+    assert live_leases(tmp_path / "leases") == []
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("sft-no-torch-npu").experiment_id])
+    assert run.info.status == "FAILED" and "No module named 'torch_npu'" in run.data.tags["npu_sft.end_reason"]
 
 
 def test_evaluation_scores_the_adapter_against_the_base_model(demo_run: dict) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from npu_sft.cli import main
-from npu_sft.doctor import Finding, diagnose
+from npu_sft.devices import Lease
+from npu_sft.doctor import CardsNotWorking, Finding, diagnose, require_working_cards
 from npu_sft.doctor.ascend import check_hccl
 from npu_sft.engine import EngineSettings
 from npu_sft.host_setup import ASCEND_ROOT_VAR
@@ -172,3 +173,23 @@ def test_without_a_config_it_checks_this_hosts_devices(tmp_path: Path, monkeypat
     environ = npu_host(tmp_path, monkeypatch, "8x910B3")
     (found,) = diagnose(None, environ)  # devices.kind auto finds npu-smi; one card per task is there
     assert found.check == "devices" and found.status == "ok" and "8 npu (910B3)" in found.detail
+
+
+def npu_lease(*ids: int) -> Lease:
+    return Lease(kind="npu", ids=ids, master_port=29500, task="train", flow_run_id=None, lease_id="test", since="",
+                 _locks=None)
+
+
+def test_a_training_lease_with_a_broken_card_is_refused_naming_it(engine_python: Path) -> None:
+    engine = EngineSettings(python=str(engine_python),
+                            env={"PYTHONPATH": str(TORCH_NPU_STANDIN), "FAKE_TORCH_NPU": "no-kernels:1"})
+    with pytest.raises(CardsNotWorking, match=r"^the npu lease \(4,6\) cannot train: NPU 6: a small matmul failed: "
+                       r"RuntimeError: call aclnnCast failed.*Op Cast does not has any binary.*\(fix: CANN's kernels"):
+        require_working_cards(engine, npu_lease(4, 6))
+    require_working_cards(engine.model_copy(update={"env": {**engine.env, "FAKE_TORCH_NPU": "ok:8"}}), npu_lease(4, 6))
+
+
+def test_a_cpu_lease_is_not_probed() -> None:
+    cpu = Lease(kind="cpu", ids=(0, 1), master_port=29500, task="train", flow_run_id=None, lease_id="t", since="",
+                _locks=None)
+    require_working_cards(EngineSettings(python="/nonexistent/python", command_prefix=["no-such-tool"]), cpu)

@@ -1,5 +1,6 @@
 """Stand-in for torch_npu in the engine env (put on PYTHONPATH), with the API the seeds use: `import torch_npu`
 adds `torch.npu` (is_available, device_count, set_device, synchronize) and `Tensor.npu()`. Tensors stay on the CPU.
+Enough for the device probe (engine/scripts/probe_devices.py), not for LLaMA-Factory: transformers imports more of it.
 
 FAKE_TORCH_NPU picks the host it plays (the texts are the ones Ascend users report):
   ok:N             N cards that compute (default ok:8; ASCEND_RT_VISIBLE_DEVICES narrows them as the runtime does)
