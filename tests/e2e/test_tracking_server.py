@@ -17,10 +17,10 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
+from npu_sft.ports import unused_port
 from tests.e2e.test_training_recovery import (
     PLANNED_STEPS,
     SHORT_RUN,
-    free_port,
     last_logged_step,
     run_sft_cli,
     with_cached_model,
@@ -72,7 +72,7 @@ class TrackingServer:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[TrackingServer]:
-    tracking = TrackingServer(tmp_path / "server" / "mlflow.db", tmp_path / "server" / "artifacts", free_port(),
+    tracking = TrackingServer(tmp_path / "server" / "mlflow.db", tmp_path / "server" / "artifacts", unused_port(),
                               tmp_path / "server.log")
     tracking.store.parent.mkdir(parents=True)
     tracking.start()

@@ -11,8 +11,9 @@ import pytest
 
 from npu_sft.engine import DistributedLaunch
 from npu_sft.engine.llamafactory_config import write_config
+from npu_sft.ports import unused_port
 from npu_sft.training import RetryPolicy, TrainingResult, launch_env, run_training
-from tests.e2e.test_training_recovery import PLANNED_STEPS, SHORT_RUN, free_port, tiny_training
+from tests.e2e.test_training_recovery import PLANNED_STEPS, SHORT_RUN, tiny_training
 from tests.e2e.test_training_recovery import tiny_models  # noqa: F401  (a session fixture: one tiny model for all)
 
 pytestmark = pytest.mark.e2e
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.e2e
 
 def test_two_nodes_on_loopback_train_to_completion(tmp_path: Path, engine_python: Path, tiny_models: Path) -> None:
     tiny = tiny_training(tmp_path, engine_python, tiny_models, SHORT_RUN)
-    port = free_port()
+    port = unused_port()
 
     def node(rank: int) -> TrainingResult:
         output_dir = tmp_path / f"node{rank}" / "output"
