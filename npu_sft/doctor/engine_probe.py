@@ -4,7 +4,6 @@ torch_npu missing so LLaMA-Factory runs on the CPU (LLaMA-Factory #4159, #6461),
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from npu_sft.devices import Lease
@@ -26,7 +25,7 @@ def probe_engine(engine: EngineSettings, kind: DeviceKind, ids: tuple[int, ...])
     except OSError as err:  # the engine's program (its python, docker, ssh) is not there
         return [Finding("engine", "error", f"cannot start {command.argv[0]}: {err.strerror}",
                         "check engine.python and engine.command_prefix in the config")]
-    found = _last_json_line(completed.tail)
+    found = process.last_json_line(completed.tail)
     if not completed.ok or found is None:
         last = " / ".join(completed.tail[-3:]) or "no output"
         return [Finding("engine", "error", f"the engine's python did not run the probe (exit {completed.returncode}): "
@@ -85,10 +84,3 @@ def _import_fix(error: str) -> str:
     if "cannot open shared object" in error or "lib" in error:
         return "CANN's libraries are not loaded for the engine: set engine.env_script to CANN's set_env.sh"
     return "run the engine's python by hand with this import to see the whole error"
-
-
-def _last_json_line(lines: list[str]) -> dict[str, Any] | None:
-    for line in reversed(lines):
-        if line.startswith("{") and line.endswith("}"):
-            return json.loads(line)
-    return None

@@ -139,7 +139,7 @@ def _engine_verdict(pipeline: Pipeline, config: dict[str, Any], engine: EngineSe
         completed = process.run_streaming(command.argv, env=command.env, stdin_file=command.stdin_file)
     finally:
         config_file.unlink(missing_ok=True)
-    verdict = _last_json_line(completed.tail)
+    verdict = process.last_json_line(completed.tail)
     if not completed.ok or verdict is None:
         raise process.CommandFailed(completed, "checking the LLaMA-Factory config in the engine env")
     kept.parent.mkdir(parents=True, exist_ok=True)
@@ -166,10 +166,3 @@ def _refusal(pipeline: Pipeline, error: str) -> str:
     if sep and key in pipeline.llamafactory:
         return f"{where_set(pipeline, key)}: {reason}"
     return f"{pipeline.llamafactory_file}: LLaMA-Factory refuses this config: {error}"
-
-
-def _last_json_line(lines: list[str]) -> dict[str, Any] | None:
-    for line in reversed(lines):
-        if line.startswith("{") and line.endswith("}"):
-            return json.loads(line)
-    return None

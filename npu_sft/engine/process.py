@@ -5,6 +5,7 @@ Never `shell=True`: every command is an argv list built by `npu_sft.engine`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from npu_sft import host_processes
 from npu_sft.errors import NpuSftError
@@ -43,6 +45,14 @@ class CommandFailed(NpuSftError, RuntimeError):
         last = "\n".join(completed.tail[-15:])
         where = f" (full log: {completed.log_file})" if completed.log_file else ""
         super().__init__(f"{what} failed with exit code {completed.returncode}{where}:\n{last}")
+
+
+def last_json_line(lines: Sequence[str]) -> dict[str, Any] | None:
+    """The verdict an engine script prints as its last JSON line, among whatever else the engine logged."""
+    for line in reversed(lines):
+        if line.startswith("{") and line.endswith("}"):
+            return json.loads(line)
+    return None
 
 
 def is_progress_noise(line: str) -> bool:
