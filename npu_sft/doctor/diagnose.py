@@ -7,13 +7,24 @@ from collections.abc import Mapping
 from npu_sft.devices import DeviceError, DeviceSettings, Inventory, resolve_kind
 from npu_sft.doctor.ascend import check_cann, check_hccl
 from npu_sft.doctor.devices import check_devices, train_ids
+from npu_sft.doctor.downloads import check_downloads
 from npu_sft.doctor.engine_probe import probe_engine
 from npu_sft.doctor.models import Finding
+from npu_sft.doctor.services import check_mlflow, check_prefect
 from npu_sft.settings import Pipeline
 
 
 def diagnose(pipeline: Pipeline | None, environ: Mapping[str, str]) -> list[Finding]:
-    """Every check for `pipeline` (or the default device settings without one), in the order a user fixes them."""
+    """Every check for `pipeline` (or this host's devices and Prefect without one), in the order a user fixes them:
+    the host, then what it must reach (the hub and the cache's disk, Prefect, MLflow)."""
+    findings = diagnose_host(pipeline, environ)
+    if pipeline is None:
+        return [*findings, check_prefect()]
+    return [*findings, *check_downloads(pipeline), check_prefect(), check_mlflow(pipeline, environ)]
+
+
+def diagnose_host(pipeline: Pipeline | None, environ: Mapping[str, str]) -> list[Finding]:
+    """The devices, CANN and the engine env of this host, without the network."""
     settings = pipeline.settings.devices if pipeline is not None else DeviceSettings()
     findings, inventory = check_devices(settings, environ)
     if pipeline is None:

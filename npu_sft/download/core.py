@@ -137,7 +137,7 @@ def download_model(
                 return cached.downloaded
         api = hub_api(source)
         listing = resolve_revision(api, source)
-        resolved = _resolved_revision(source, listing)
+        resolved = resolved_revision(source, listing)
         cached = inspect_cached_copy(source, metadata_dir, resolved, listing=listing, persist=True)
         if cached.downloaded is not None:
             return cached.downloaded
@@ -186,7 +186,7 @@ def find_cached_download(source: ModelSource) -> DownloadedModel | None:
         return None
     if listing.commit is None and source.require_pinned:
         return None  # the download itself stops, with the reason
-    resolved = _resolved_revision(source, listing)
+    resolved = resolved_revision(source, listing)
     return inspect_cached_copy(source, metadata_dir, resolved, listing=listing, persist=False).downloaded
 
 
@@ -372,7 +372,8 @@ def _explain_not_found(api: HubApi, source: ModelSource, error: HubNotFoundError
     return HubNotFoundError(explanation) if explanation else error
 
 
-def _resolved_revision(source: ModelSource, listing: HubListing) -> str:
+def resolved_revision(source: ModelSource, listing: HubListing) -> str:
+    """The commit a run uses and records: the pinned one, else the one the listing says the branch or tag is."""
     if source.is_pinned:
         return source.revision
     if listing.commit is None and source.require_pinned:

@@ -333,6 +333,12 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def root_cause_line(error: BaseException) -> str:
+    """The headline of what the error was raised from last: a failed connection's own reason (`[Errno 111]
+    Connection refused`) rather than the client's and urllib3's wrappings of it."""
+    return first_line(list(causes(error))[-1])
+
+
 def _require_id(source: ModelSource) -> str:
     if source.id is None:
         raise DownloadError("a modelscope source needs an id")

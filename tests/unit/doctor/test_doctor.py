@@ -11,10 +11,11 @@ import pytest
 
 from npu_sft.cli import main
 from npu_sft.devices import Lease
-from npu_sft.doctor import CardsNotWorking, Finding, diagnose, require_working_cards
+from npu_sft.doctor import CardsNotWorking, Finding, diagnose, diagnose_host, require_working_cards
 from npu_sft.doctor.ascend import check_hccl
 from npu_sft.engine import EngineSettings
 from npu_sft.host_setup import ASCEND_ROOT_VAR
+from npu_sft.ports import unused_port
 from npu_sft.settings import load_pipeline
 from tests.fakes.devices import put_fake_tools_on_path
 
@@ -28,7 +29,9 @@ def by_check(findings: list[Finding]) -> dict[str, Finding]:
     return {finding.check: finding for finding in findings}
 
 
-def npu_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixture: str, cann: str | None = "9.1.0") -> dict[str, str]:
+def npu_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixture: str, cann: str | None = "9.1.0"
+) -> dict[str, str]:
     bash = shutil.which("bash")  # engine.env_script is sourced by bash; PATH is about to hold only the doubles
     bin_dir = put_fake_tools_on_path(monkeypatch, tmp_path / "bin", "npu-smi", FAKE_NPU_SMI_FIXTURE=fixture)
     if bash is not None:
@@ -54,7 +57,7 @@ def test_a_healthy_910b_host_is_ready_for_the_qwen7b_recipe(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine_python: Path
 ) -> None:
     environ = npu_host(tmp_path, monkeypatch, "8x910B3")
-    found = by_check(diagnose(qwen7b(tmp_path, "llamafactory.overrides.ddp_timeout=1800"), environ))
+    found = by_check(diagnose_host(qwen7b(tmp_path, "llamafactory.overrides.ddp_timeout=1800"), environ))
     assert found["devices"].status == "ok" and "8 npu (910B3) from npu-smi info, 8 usable" in found["devices"].detail
     assert found["CANN"].status == "ok" and found["CANN"].detail.startswith("9.1.0 (")
     assert found["HCCL timeout"].status == "ok"
@@ -68,7 +71,7 @@ def test_a_card_without_kernels_is_named_with_cann_s_words(
     environ = npu_host(tmp_path, monkeypatch, "8x910B3")
     # The lease would get cards 2 and 5, seen by torch as 0 and 1; the second has no Cast kernel.
     pipeline = qwen7b(tmp_path, "devices.train=[2, 5]", torch_npu="no-kernels:1")
-    found = by_check(diagnose(pipeline, environ))
+    found = by_check(diagnose_host(pipeline, environ))
     assert found["NPU 5"].status == "error" and "Op Cast does not has any binary" in found["NPU 5"].detail
     assert "Ascend-cann-kernels" in found["NPU 5"].fix and "NPU 2" not in found
 
@@ -85,20 +88,20 @@ def test_torch_npu_that_cannot_reach_the_cards_says_why(
     torch_npu: str | None, said: str, fix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine_python: Path
 ) -> None:
     environ = npu_host(tmp_path, monkeypatch, "8x910B3")
-    found = by_check(diagnose(qwen7b(tmp_path, torch_npu=torch_npu), environ))["engine"]
+    found = by_check(diagnose_host(qwen7b(tmp_path, torch_npu=torch_npu), environ))["engine"]
     assert found.status == "error" and said in found.detail and fix in found.fix
 
 
 def test_a_310p_card_is_refused_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     environ = npu_host(tmp_path, monkeypatch, "2x310P3")
-    found = by_check(diagnose(qwen7b(tmp_path, "devices.train=2"), environ))
+    found = by_check(diagnose_host(qwen7b(tmp_path, "devices.train=2"), environ))
     assert found["NPU 0"].status == "error" and "#10418" in found["NPU 0"].detail
     assert found["NPU 1"].status == "error"
 
 
 def test_an_unhealthy_card_and_too_few_usable_cards_are_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     environ = npu_host(tmp_path, monkeypatch, "8x910B1_unhealthy")
-    found = by_check(diagnose(qwen7b(tmp_path, "devices.train=8"), environ))
+    found = by_check(diagnose_host(qwen7b(tmp_path, "devices.train=8"), environ))
     unhealthy = [finding for finding in found.values() if finding.check.startswith("NPU ")]
     assert unhealthy and all(f.status == "error" and "health" in f.detail and "npu-smi info -t health" in f.fix
                              for f in unhealthy)
@@ -109,21 +112,22 @@ def test_busy_cards_are_a_warning_naming_the_processes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine_python: Path
 ) -> None:
     environ = npu_host(tmp_path, monkeypatch, "8x910B3_busy")
-    busy = [f for f in diagnose(qwen7b(tmp_path, "devices.train=1"), environ) if f.check.startswith("NPU ")]
+    busy = [f for f in diagnose_host(qwen7b(tmp_path, "devices.train=1"), environ) if f.check.startswith("NPU ")]
     assert busy and all(finding.status == "warning" and "processes" in finding.detail for finding in busy)
 
 
 def test_no_cann_and_a_missing_env_script_say_how_to_get_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     environ = npu_host(tmp_path, monkeypatch, "8x910B3", cann=None)
-    found = by_check(diagnose(qwen7b(tmp_path), environ))
+    found = by_check(diagnose_host(qwen7b(tmp_path), environ))
     assert found["CANN"].status == "error" and "NPU_SFT_ENGINE_CONTAINER" in found["CANN"].fix
-    assert found["engine.env_script"].status == "error" and "set_env.sh does not exist" in found["engine.env_script"].detail
+    script = found["engine.env_script"]
+    assert script.status == "error" and "set_env.sh does not exist" in script.detail
 
 
 def test_a_container_engine_leaves_cann_to_the_container(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     environ = npu_host(tmp_path, monkeypatch, "8x910B3", cann=None)
     pipeline = qwen7b(tmp_path, "engine.python=python", "engine.command_prefix=[docker, exec, -i, llamafactory]")
-    found = by_check(diagnose(pipeline, environ))
+    found = by_check(diagnose_host(pipeline, environ))
     assert found["CANN"].status == "warning" and "docker exec -i llamafactory" in found["CANN"].detail
     assert found["engine"].status == "error" and found["engine"].detail.startswith("cannot start docker: ")
 
@@ -149,7 +153,7 @@ def test_without_a_device_tool_the_npu_config_reports_what_it_needs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     put_fake_tools_on_path(monkeypatch, tmp_path / "bin")
-    found = by_check(diagnose(qwen7b(tmp_path), {ASCEND_ROOT_VAR: str(tmp_path / "none")}))
+    found = by_check(diagnose_host(qwen7b(tmp_path), {ASCEND_ROOT_VAR: str(tmp_path / "none")}))
     assert found["devices"].status == "error" and "npu-smi" in found["devices"].detail
     assert found["CANN"].status == "error"
 
@@ -158,21 +162,25 @@ def test_the_cli_passes_the_demo_config_here_and_fails_qwen7b_in_a_table(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("COLUMNS", "80")
-    assert main(["doctor", str(TINY), "--set", f"devices.state_dir={tmp_path}"]) == 0
+    store = f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert main(["doctor", str(TINY), "--set", f"devices.state_dir={tmp_path}", "--set", store]) == 0
     out = capsys.readouterr().out
     assert "ready: 0 errors, 0 warnings" in out and "a small matmul on the CPU" in out
     put_fake_tools_on_path(monkeypatch, tmp_path / "bin")
     monkeypatch.setenv(ASCEND_ROOT_VAR, str(tmp_path / "none"))
-    assert main(["doctor", str(QWEN7B)]) == 1
+    silent_hub = f"http://127.0.0.1:{unused_port()}"  # this host has no way to modelscope.cn either
+    assert main(["doctor", str(QWEN7B), "--set", f"model.endpoint={silent_hub}", "--set", store]) == 1
     out = capsys.readouterr().out
-    assert "not ready: 3 errors, 1 warning" in out and "Traceback" not in out
+    assert "not ready: 4 errors, 2 warnings" in out and "Traceback" not in out
+    assert "Connection refused" in out and "MLflow" in out and "Prefect" in out
     assert max(len(line) for line in out.splitlines()) <= 80
 
 
 def test_without_a_config_it_checks_this_hosts_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     environ = npu_host(tmp_path, monkeypatch, "8x910B3")
-    (found,) = diagnose(None, environ)  # devices.kind auto finds npu-smi; one card per task is there
+    (found, prefect) = diagnose(None, environ)  # devices.kind auto finds npu-smi; one card per task is there
     assert found.check == "devices" and found.status == "ok" and "8 npu (910B3)" in found.detail
+    assert prefect.check == "Prefect"
 
 
 def npu_lease(*ids: int) -> Lease:
