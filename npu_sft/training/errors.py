@@ -17,6 +17,8 @@ class TrainingFailed(process.CommandFailed):
         super().__init__(completed, "training")
         # The verdict first, then CommandFailed's exit code, log path and output tail.
         headline = f"training failed after {len(attempts)} attempt(s) ({why}): {failure.what}: {failure.evidence}"
+        if failure.fix:
+            headline += f" (fix: {failure.fix})"
         self.args = (f"{headline}\n{self.args[0]}",)
 
 

@@ -20,6 +20,7 @@ class FailureKind(str, Enum):
     STALLED = "stalled"  # no progress within the phase's deadline: stopped by the watchdog (npu_sft.training.stall)
     DIVERGED = "diverged"  # NaN, infinite or zero loss, step after step: stopped by a guard (npu_sft.training.guards)
     WRONG_DEVICE = "wrong_device"  # a rank on the CPU under an NPU or GPU lease: stopped by a guard
+    COLLECTIVE_TIMEOUT = "collective_timeout"  # ranks gave up waiting for each other (HCCL_EXEC_TIMEOUT, NCCL)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,19 @@ class Failure:
             FailureKind.STALLED: "stalled and was stopped",
             FailureKind.DIVERGED: "diverged and was stopped",
             FailureKind.WRONG_DEVICE: "ran on the wrong device and was stopped",
+            FailureKind.COLLECTIVE_TIMEOUT: "timed out with ranks waiting for each other in a collective",
         }[self.kind]
+
+    @property
+    def fix(self) -> str:
+        """What to change before running again, where the output alone says it; empty otherwise."""
+        if self.kind is FailureKind.COLLECTIVE_TIMEOUT:
+            return (
+                "a rank waited longer than HCCL_EXEC_TIMEOUT (default 1800 s; NCCL: ddp_timeout), usually while rank 0 "
+                "tokenized: set engine.env.HCCL_EXEC_TIMEOUT and ddp_timeout to the longest wait, or tokenize once "
+                "beforehand (LLaMA-Factory's tokenized_path); `npu-sft doctor CONFIG` compares the two"
+            )
+        return ""
 
 
 # torchrun (since torch 2.2) prefixes each rank's traceback lines with "[rankN]: "; a tqdm frame without a newline
@@ -64,6 +77,15 @@ _OUT_OF_MEMORY = [
 ]
 # HCCL cannot open a card a previous process still holds; its own advice is to wait and retry.
 _DEVICE_BUSY = [re.compile(r"Maybe the last training process is running"), re.compile(r"\bEJ0001\b")]
+# Ranks that waited for the others longer than the collective timeout (LLaMA-Factory #5551, Ascend/pytorch #62:
+# ranks 1.. in `main_process_first` while rank 0 tokenizes). The same wait comes back on a retry: the seed's
+# overwrite_cache: true tokenizes again.
+_COLLECTIVE_TIMEOUT = [
+    re.compile(r"error code is 507046\b"),  # torch_npu: aclrtSynchronizeDevice, "stream sync timeout"
+    re.compile(r"\bEE1002\b.*Stream synchronize timeout"),
+    re.compile(r"\bEI0002\b.*Notify register times out"),  # HCCL: the remote rank never arrived
+    re.compile(r"Watchdog caught collective operation timeout"),  # NCCL's watchdog (ddp_timeout)
+]
 _CONFIG_MESSAGES = [
     re.compile(r"Some keys are not used by the HfArgumentParser"),
     re.compile(r"is not a local folder and is not a valid model identifier"),
@@ -173,4 +195,7 @@ def classify_failure(tail: Sequence[str], returncode: int) -> Failure:
     busy = _first_match(tail, _DEVICE_BUSY)
     if busy is not None:
         return Failure(FailureKind.DEVICE_BUSY, busy, returncode)
+    timeout = _first_match(tail, _COLLECTIVE_TIMEOUT)
+    if timeout is not None:
+        return Failure(FailureKind.COLLECTIVE_TIMEOUT, timeout, returncode)
     return Failure(FailureKind.CRASHED, _crash_evidence(tail, returncode), returncode)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 
-from npu_sft.training import FailureKind, classify_failure
+from npu_sft.engine.process import CompletedCommand
+from npu_sft.training import FailureKind, TrainingFailed, classify_failure
 
 SITE = "/work/main/.npu-sft/engine/lib/python3.11/site-packages"
 
@@ -155,3 +155,38 @@ def test_killed_launcher_is_a_retryable_crash() -> None:
 def test_success_is_not_a_failure() -> None:
     with pytest.raises(ValueError, match="exited with code 0"):
         classify_failure([], 0)
+
+
+# LLaMA-Factory #5551 (910B2C, CANN 8.0.RC2), as torchrun prints it: rank 2 gave up waiting in main_process_first
+# while rank 0 tokenized.
+NPU_STREAM_SYNC_TIMEOUT = [
+    "[rank2]: Traceback (most recent call last):",
+    f'[rank2]:   File "{SITE}/llamafactory/data/loader.py", line 324, in get_dataset',
+    '[rank2]:     with training_args.main_process_first(desc="pre-process dataset"):',
+    "[rank2]: RuntimeError: npuSynchronizeDevice:torch_npu/csrc/core/npu/NPUStream.cpp:390 NPU function error: "
+    "aclrtSynchronizeDevice, error code is 507046",
+    "[rank2]: [ERROR] 2024-09-26-16:06:40 (PID:2671581, Device:2, RankID:2) ERR00100 PTA call acl api failed",
+    "[rank2]: [Error]: In the specified timeout waiting event, all tasks in the specified stream are not completed.",
+    "[rank2]: EE1002: 2024-09-26-16:06:40.565.510 Stream synchronize timeout. rtDeviceSynchronize execute failed, "
+    "reason=[stream sync timeout]",
+    "Root Cause (first observed failure):",
+    "[0]:",
+    "  rank      : 2 (local_rank: 2)",
+    "  exitcode  : 1 (pid: 2671581)",
+]
+# LLaMA-Factory #2424 on GPUs: NCCL's watchdog after ddp_timeout's default 1800 s.
+NCCL_WATCHDOG_TIMEOUT = [
+    "[E ProcessGroupNCCL.cpp:475] [Rank 2] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=2, "
+    "OpType=ALLREDUCE, NumelIn=1, NumelOut=1, Timeout(ms)=1800000) ran for 1800328 milliseconds before timing out.",
+    "[E ProcessGroupNCCL.cpp:495] To avoid data inconsistency, we are taking the entire process down.",
+]
+
+
+@pytest.mark.parametrize("tail", [NPU_STREAM_SYNC_TIMEOUT, NCCL_WATCHDOG_TIMEOUT], ids=["hccl-507046", "nccl"])
+def test_ranks_that_gave_up_waiting_for_each_other_are_not_retried_and_say_the_fix(tail: list[str]) -> None:
+    failure = classify_failure(tail, 1)
+    assert failure.kind is FailureKind.COLLECTIVE_TIMEOUT and not failure.retryable
+    assert "507046" in failure.evidence or "Watchdog caught collective operation timeout" in failure.evidence
+    assert not failure.evidence.startswith("[rank") and "HCCL_EXEC_TIMEOUT" in failure.fix
+    failed = TrainingFailed(CompletedCommand(["torchrun"], 1, tail, None, 1.0), failure, [], "not retryable")
+    assert str(failed).splitlines()[0].endswith("`npu-sft doctor CONFIG` compares the two)")
