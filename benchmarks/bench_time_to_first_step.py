@@ -3,7 +3,8 @@
     python benchmarks/bench_time_to_first_step.py [--pairs 3] [--target-extra-s 5]
 
 The pipeline side is the whole command a user types, `npu-sft run configs/tiny_cpu.yaml`, on a warm project (the
-model generated, the datasets prepared and the engine's verdict on the config kept, as after a first run): CLI
+model generated, the datasets prepared and the engine's verdict on the config kept, as after a first run up to its
+first step, untimed): CLI
 start, config checks, Prefect's temporary server, MLflow run, download and preparation found in their caches, the
 device lease, torchrun. The bare side is `FORCE_TORCHRUN=1 NPROC_PER_NODE=2 llamafactory-cli train` of the engine
 config that run wrote. Each side is timed from its start to the first line of the trainer's `trainer_log.jsonl`
@@ -95,19 +96,10 @@ def main() -> int:
     project.mkdir(parents=True, exist_ok=True)
     print(f"logs in {work}")
 
-    # Warm-up: a whole first run fills the caches (model, datasets, the engine's verdict) as a user's first run does.
-    warm = subprocess.run(
-        [sys.executable, "-m", "npu_sft.cli", "run", str(DEMO_CONFIG), "--set", f"engine.python={args.engine_python}",
-         "--set", f"devices.state_dir={project / 'leases'}", "--set", "serve.enabled=false",
-         "--set", "llamafactory.overrides.num_train_epochs=1"],
-        cwd=project, env={**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
-                          "PREFECT_HOME": str(project / ".prefect")},
-        capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
-    )
-    if warm.returncode != 0:
-        print(warm.stdout[-3000:], warm.stderr[-3000:], sep="\n")
-        return 2
-    (config_file,) = list((project / ".npu-sft" / "runs").glob("*/llamafactory.yaml"))[:1]
+    # Warm-up, untimed, with the timed runs' own settings: a first run up to its first step fills the caches (the model,
+    # the prepared datasets, the engine's verdict on this very config) as a user's first run does.
+    pipeline_side(project, args.engine_python, "warm-up-pipeline")
+    (config_file,) = list((project / ".npu-sft" / "runs").glob("*/llamafactory.yaml"))
     engine = EngineSettings(python=args.engine_python)
     bare_side(engine, config_file, work, "warm-up-bare")
 

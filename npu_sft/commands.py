@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -13,8 +10,8 @@ from rich.table import Table
 
 from npu_sft.devices import DeviceToolMissing, render_device_report, take_inventory
 from npu_sft.engine.llamafactory_config import check_with_engine, env_script_missing
+from npu_sft.prefect_server import temporary_server_started_early
 from npu_sft.settings import ConfigError, Pipeline, load_pipeline, missing_data_file
-from npu_sft.tracking import tracking_uri
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 
@@ -52,38 +49,13 @@ def load_for_engine(args: argparse.Namespace) -> Pipeline:
     return pipeline
 
 
-@contextmanager
-def _prefect_server_starting() -> Iterator[None]:
-    """Without a Prefect server (no PREFECT_API_URL), the flow's first call starts Prefect's temporary one, which
-    takes seconds; starting it here lets it come up while the flow's modules are imported (the same server: Prefect
-    keeps one per process). The block waits for it before the flow starts."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        yield
-        return
-    import httpx
-    from prefect.server.api.server import SubprocessASGIServer
-
-    def start() -> None:
-        try:
-            SubprocessASGIServer().start()
-        except (RuntimeError, httpx.HTTPError):
-            pass  # the flow's first call starts it again, and reports what goes wrong there
-
-    starting = threading.Thread(target=start, name="npu-sft-prefect-server", daemon=True)
-    starting.start()
-    try:
-        yield
-    finally:
-        starting.join()  # a second start() while the first waits would return before the server answers
-
-
 def run_flow(args: argparse.Namespace) -> int:
     pipeline = load_for_engine(args)
-    with _prefect_server_starting():
+    with temporary_server_started_early():
         from flows.sft import sft
     result = sft(str(pipeline.config_file), args.overrides)
+    from npu_sft.tracking import tracking_uri
+
     console = Console()
     summary = Table(title=f"sft: {pipeline.settings.name}", show_header=False)
     summary.add_row("MLflow run", result.mlflow_run_id)
@@ -105,7 +77,7 @@ def run_flow(args: argparse.Namespace) -> int:
 
 def _print_where_to_look(pipeline: Pipeline, run_id: str, console: Console) -> None:
     """The run's page in MLflow's UI (its model-training view), and how to start that UI over a file store."""
-    from npu_sft.tracking import client_for
+    from npu_sft.tracking import client_for, tracking_uri
     from npu_sft.tracking.summary import mlflow_run_url, mlflow_ui_url
 
     uri = tracking_uri(pipeline.settings.mlflow)
@@ -125,7 +97,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     pipeline = load_for_engine(args)
     target = find_evaluation_target(pipeline, args.run, args.version)  # before Prefect starts anything
-    with _prefect_server_starting():
+    with temporary_server_started_early():
         from flows.evaluate import evaluate_again
 
     evaluation = evaluate_again(str(pipeline.config_file), target.run_id, args.overrides, target.version)
@@ -201,6 +173,7 @@ def compare(args: argparse.Namespace) -> int:
 
     from npu_sft.settings import MlflowSettings
     from npu_sft.tracking import compare as comparing
+    from npu_sft.tracking import tracking_uri
 
     settings = load_pipeline(args.config).settings.mlflow if args.config else MlflowSettings(
         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", MlflowSettings().tracking_uri))
