@@ -36,7 +36,14 @@ def _use_project_prefect_home() -> None:
         os.environ["PREFECT_HOME"] = str(Path(".npu-sft/prefect").resolve())
     if "PREFECT_HOME" in os.environ:
         # Prefect's local server cannot create its SQLite database in a directory that does not exist yet.
-        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+        home = Path(os.environ["PREFECT_HOME"]).expanduser()
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            from npu_sft.errors import BadInputError
+
+            raise BadInputError(f"PREFECT_HOME={home}: {err.strerror}; set it to a directory this user may create, "
+                                "or unset it (runs then keep Prefect's state in .npu-sft/prefect)") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,12 +98,13 @@ def _show_warning_once(message: Warning | str, *_: object, **__: object) -> None
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _use_project_prefect_home()
     warnings.showwarning = _show_warning_once
-    from npu_sft.commands import run_command
     from npu_sft.errors import BadInputError, NpuSftError
 
     try:
+        _use_project_prefect_home()
+        from npu_sft.commands import run_command
+
         return run_command(args)
     except NpuSftError as err:
         if os.environ.get(DEBUG_VAR):

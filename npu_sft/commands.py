@@ -170,13 +170,21 @@ def compare(args: argparse.Namespace) -> int:
     import os
 
     from mlflow import MlflowClient
+    from pydantic import ValidationError
 
     from npu_sft.settings import MlflowSettings
     from npu_sft.tracking import compare as comparing
     from npu_sft.tracking import tracking_uri
 
-    settings = load_pipeline(args.config).settings.mlflow if args.config else MlflowSettings(
-        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", MlflowSettings().tracking_uri))
+    if args.config:
+        settings = load_pipeline(args.config).settings.mlflow
+    else:
+        uri_from_env = os.environ.get("MLFLOW_TRACKING_URI", MlflowSettings().tracking_uri)
+        try:
+            settings = MlflowSettings(tracking_uri=uri_from_env)
+        except ValidationError as err:
+            reason = err.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"MLFLOW_TRACKING_URI={uri_from_env}: {reason}") from None
     experiment = args.experiment or settings.experiment
     uri = tracking_uri(settings)
     runs = comparing.load_runs(MlflowClient(tracking_uri=uri, registry_uri=uri), experiment)

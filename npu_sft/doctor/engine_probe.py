@@ -19,6 +19,8 @@ NO_KERNEL = "does not has any binary"  # CANN's words when an operator has no ke
 def probe_engine(engine: EngineSettings, kind: DeviceKind, ids: tuple[int, ...]) -> list[Finding]:
     variable = VISIBLE_DEVICES_VAR.get(kind)
     env = {variable: ",".join(map(str, ids))} if variable is not None else {}
+    if (missing := engine.missing_python()) is not None:
+        return [Finding("engine", "error", missing, "set engine.python in the config, or run `make setup`")]
     command = engine_script_command(engine, PROBE_SCRIPT, [kind], env=env)
     try:
         completed = process.run_streaming(command.argv, env=command.env, stdin_file=command.stdin_file)

@@ -20,7 +20,7 @@ from npu_sft.engine.commands import (
     render_command,
     torchrun_train_command,
 )
-from npu_sft.engine.errors import SecretInArgvError
+from npu_sft.engine.errors import EngineNotFound, SecretInArgvError
 from npu_sft.engine.models import DistributedLaunch, EngineCommand, ServedModel, served_name
 from npu_sft.engine.secret_passing import SECRET_VARS, passes_secrets_by_name, secret_refusal
 from npu_sft.engine.settings import DEFAULT_ENGINE_PYTHON, EngineSettings
@@ -31,6 +31,7 @@ __all__ = [
     "SECRET_VARS",
     "DistributedLaunch",
     "EngineCommand",
+    "EngineNotFound",
     "EngineSettings",
     "SecretInArgvError",
     "ServedModel",

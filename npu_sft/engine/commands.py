@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from npu_sft.engine.errors import SecretInArgvError
+from npu_sft.engine.errors import EngineNotFound, SecretInArgvError
 from npu_sft.engine.models import DistributedLaunch, EngineCommand, ServedModel
 from npu_sft.engine.secret_passing import SECRET_VARS, by_name_position, secret_refusal
 from npu_sft.engine.settings import EngineSettings
@@ -45,6 +45,8 @@ def _wrap(engine: EngineSettings, inner: Sequence[str], env: Mapping[str, str]) 
 def _command(
     engine: EngineSettings, inner: Sequence[str], env: Mapping[str, str] | None, stdin_file: Path | None = None
 ) -> EngineCommand:
+    if (missing := engine.missing_python()) is not None:
+        raise EngineNotFound(f"engine.python: {missing}")
     full_env = {**engine.env, **(env or {})}
     return EngineCommand(_wrap(engine, inner, full_env), full_env, stdin_file)
 

@@ -7,3 +7,7 @@ from npu_sft.errors import BadInputError
 
 class SecretInArgvError(BadInputError, ValueError):
     """The engine's command prefix cannot receive a secret without it showing in a command line."""
+
+
+class EngineNotFound(BadInputError):
+    """The engine's python is not on this host (engine.python)."""

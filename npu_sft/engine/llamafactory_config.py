@@ -99,6 +99,8 @@ def check_with_engine(pipeline: Pipeline, *, without_missing_env_script: bool = 
     if config.get("deepspeed"):
         config["deepspeed"] = str(resolve_deepspeed(str(config["deepspeed"]), pipeline))
     engine = pipeline.settings.engine
+    if (no_python := engine.missing_python()) is not None:
+        raise ConfigError(f"{pipeline.config_file}: engine.python: {no_python}")
     if (missing := env_script_missing(pipeline)) is not None:
         if not without_missing_env_script:
             raise ConfigError(missing)

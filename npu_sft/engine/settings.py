@@ -28,19 +28,14 @@ class EngineSettings(BaseModel):
     @field_validator("python")
     @classmethod
     def _local_python_exists(cls, python: str, info: ValidationInfo) -> str:
-        if info.data.get("command_prefix"):
-            return python
-        if os.sep not in python:
-            if shutil.which(python) is None:
-                raise ValueError(f"{python!r} is not on PATH; give the engine env's python path")
-            return python
-        path = Path(python)
-        if not path.is_file() or not os.access(path, os.X_OK):
-            raise ValueError(
-                f"{python} does not exist or is not executable; run `make setup` to create the engine env, or set "
-                "engine.python to your LLaMA-Factory env's python"
-            )
+        if not info.data.get("command_prefix") and (problem := python_problem(python)) is not None:
+            raise ValueError(problem)
         return python
+
+    def missing_python(self) -> str | None:
+        """Why the engine's python can not start on this host; None when it can (or lives behind a prefix).
+        The default is not validated when the config is read (it may be made later, by `make setup`)."""
+        return python_problem(self.python) if self.is_local else None
 
     def missing_env_script(self) -> str | None:
         """The env script, when it should be on this host and is not (behind a prefix it lives elsewhere)."""
@@ -51,3 +46,13 @@ class EngineSettings(BaseModel):
     @property
     def is_local(self) -> bool:
         return not self.command_prefix
+
+
+def python_problem(python: str) -> str | None:
+    if os.sep not in python:
+        return None if shutil.which(python) else f"{python!r} is not on PATH; give the engine env's python path"
+    path = Path(python)
+    if not path.is_file() or not os.access(path, os.X_OK):
+        return (f"{python} does not exist or is not executable; run `make setup` to create the engine env, or set "
+                "engine.python to your LLaMA-Factory env's python")
+    return None

@@ -56,6 +56,10 @@ PIPELINE_CASES = {
                                   overrides=("mlflow.tracking_uri=ftp://host/runs",)),
     "engine python missing": Broken("engine.python: /opt/missing/bin/python does not exist",
                                     overrides=("engine.python=/opt/missing/bin/python",)),
+    # No `engine:` in a project where `make setup` has not made .npu-sft/engine: the default is not there either.
+    "engine python default missing": Broken(
+        "{pipeline}: engine.python: {project}/.npu-sft/engine/bin/python does not exist or is not executable; run "
+        "`make setup`", pipeline=(("\nengine:\n  python: ", "\n# python: "),)),
     "gain without a baseline": Broken("publish.gate.min_gain: needs the base model's scores",
                                       overrides=("eval.baseline=false", "publish.gate.min_gain=1")),
     "vllm on the CPU": Broken("serve.backend: vllm does not run on the CPU", overrides=("serve.backend=vllm",)),
@@ -172,5 +176,31 @@ def test_a_missing_data_file_is_refused_by_run_and_a_warning_in_plan(
     assert not (project / "mlruns").exists() and not (project / ".npu-sft" / "runs").exists()
 
 
+ENVIRONMENT_CASES = {
+    "PREFECT_HOME a file": ({"PREFECT_HOME": "{project}/afile"}, "PREFECT_HOME={project}/afile: File exists; set it"),
+}
+
+
+@pytest.mark.parametrize("case", ENVIRONMENT_CASES.values(), ids=ENVIRONMENT_CASES.keys())
+def test_a_broken_environment_variable_is_one_line_in_plan_and_run(
+    project: Path, case: tuple[dict[str, str], str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (project / "afile").write_text("")
+    variables, expected = case
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value.format(project=project))
+    assert_both_refuse(project, Broken(expected), capsys)
+
+
+def test_compare_names_a_tracking_uri_from_the_environment_it_can_not_use(
+    project: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "ftp://host/runs")
+    assert main(["compare", "sft-tiny"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "npu-sft: error: MLFLOW_TRACKING_URI=ftp://host/runs: ftp: is not a store MLflow tracks runs in (file:, "
+        "sqlite:, postgresql:, mysql:, mssql:, http:, https:, databricks: or a directory path)"]
+
+
 def test_the_corpus_is_large_enough() -> None:
-    assert len(PIPELINE_CASES) + len(ENGINE_CASES) + 1 >= 30
+    assert len(PIPELINE_CASES) + len(ENGINE_CASES) + len(ENVIRONMENT_CASES) + 1 >= 30
