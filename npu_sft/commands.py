@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from npu_sft.devices import DeviceToolMissing, render_device_report, take_inventory
-from npu_sft.engine.llamafactory_config import check_with_engine, env_script_missing
+from npu_sft.engine.llamafactory_config import check_with_engine, engine_verdict_is_kept, env_script_missing
 from npu_sft.prefect_server import temporary_server_started_early
 from npu_sft.settings import ConfigError, Pipeline, load_pipeline, missing_data_file
 
@@ -35,8 +38,9 @@ def run_demo(args: argparse.Namespace) -> int:
     return run_flow(args)
 
 
-def load_for_engine(args: argparse.Namespace) -> Pipeline:
-    """The pipeline of a command that starts the engine: bad input fails here, before Prefect starts anything."""
+def load_for_engine(args: argparse.Namespace, *, check_engine: bool = True) -> Pipeline:
+    """The pipeline of a command that starts the engine: bad input fails here, before Prefect starts anything (with
+    `check_engine=False`, the engine's own check of the LLaMA-Factory config is the caller's)."""
     pipeline = load_pipeline(args.config, args.overrides)
     for missing in (env_script_missing(pipeline), missing_data_file(pipeline)):
         if missing is not None:
@@ -45,13 +49,31 @@ def load_for_engine(args: argparse.Namespace) -> Pipeline:
         take_inventory(pipeline.settings.devices)  # whether devices are free is the leases' to wait for
     except DeviceToolMissing as err:
         raise ConfigError(f"{pipeline.config_file}: {err}") from None
-    check_with_engine(pipeline)  # as `plan` does; the flow's own check then finds the verdict kept
+    if check_engine:
+        check_with_engine(pipeline)  # as `plan` does; the flow's own check then finds the verdict kept
     return pipeline
 
 
+@contextmanager
+def _prefect_starting_while_the_engine_checks(pipeline: Pipeline) -> Iterator[None]:
+    """Prefect's temporary server starts while the flow's modules import. A config the engine has not checked yet is
+    checked meanwhile (the engine's imports take seconds); its refusal stops the server before the flow starts. A
+    kept verdict is read first, so a kept refusal starts nothing."""
+    if engine_verdict_is_kept(pipeline):
+        check_with_engine(pipeline)
+        with temporary_server_started_early():
+            yield
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="npu-sft-engine-check") as pool:
+        checking = pool.submit(check_with_engine, pipeline)
+        with temporary_server_started_early():
+            yield
+            checking.result()
+
+
 def run_flow(args: argparse.Namespace) -> int:
-    pipeline = load_for_engine(args)
-    with temporary_server_started_early():
+    pipeline = load_for_engine(args, check_engine=False)
+    with _prefect_starting_while_the_engine_checks(pipeline):
         from flows.sft import sft
     result = sft(str(pipeline.config_file), args.overrides)
     from npu_sft.tracking import tracking_uri

@@ -95,6 +95,26 @@ def check_with_engine(pipeline: Pipeline, *, without_missing_env_script: bool = 
 
     A missing env script is a ConfigError too, unless `without_missing_env_script` (a plan made on a laptop for the
     Ascend host): then the config is parsed without sourcing it."""
+    config, engine = _checked_inputs(pipeline, without_missing_env_script)
+    verdict = _kept_verdict(pipeline, config, engine) or _engine_verdict(pipeline, config, engine)
+    if not verdict["ok"]:
+        raise ConfigError(_refusal(pipeline, verdict["error"]))
+
+
+def engine_verdict_is_kept(pipeline: Pipeline) -> bool:
+    """Whether `check_with_engine` would answer from its kept verdict, without starting the engine."""
+    try:
+        config, engine = _checked_inputs(pipeline, without_missing_env_script=False)
+    except ConfigError:
+        return True  # refused before the engine is asked: as quick as a kept verdict
+    return _kept_verdict(pipeline, config, engine) is not None
+
+
+CHECK_SCRIPT = "check_llamafactory_config.py"
+
+
+def _checked_inputs(pipeline: Pipeline, without_missing_env_script: bool) -> tuple[dict[str, Any], EngineSettings]:
+    """The config the engine checks and the engine that checks it; ConfigError when the engine can not start."""
     config = dict(pipeline.llamafactory)
     if config.get("deepspeed"):
         config["deepspeed"] = str(resolve_deepspeed(str(config["deepspeed"]), pipeline))
@@ -105,17 +125,12 @@ def check_with_engine(pipeline: Pipeline, *, without_missing_env_script: bool = 
         if not without_missing_env_script:
             raise ConfigError(missing)
         engine = engine.model_copy(update={"env_script": None})
-    verdict = _engine_verdict(pipeline, config, engine)
-    if not verdict["ok"]:
-        raise ConfigError(_refusal(pipeline, verdict["error"]))
+    return config, engine
 
 
-CHECK_SCRIPT = "check_llamafactory_config.py"
-
-
-def _engine_verdict(pipeline: Pipeline, config: dict[str, Any], engine: EngineSettings) -> dict[str, Any]:
-    """The engine's verdict on `config`, kept by content (config, engine settings, check script, engine env stamp):
-    `plan`, `run` and the flow's own check of the same config start the engine once."""
+def _verdict_file(pipeline: Pipeline, config: dict[str, Any], engine: EngineSettings) -> Path:
+    """Where the engine's verdict on `config` is kept, by content: the config, the engine settings, the check script
+    and the engine env's stamp, so that `plan`, `run` and the flow's own check of the same config start it once."""
     key = hashlib.sha256(
         json.dumps(
             {
@@ -128,9 +143,16 @@ def _engine_verdict(pipeline: Pipeline, config: dict[str, Any], engine: EngineSe
             default=str,
         ).encode()
     ).hexdigest()[:32]
-    kept = pipeline.state_dir / "checks" / f"{key}.json"
-    if kept.is_file():
-        return json.loads(kept.read_text(encoding="utf-8"))
+    return pipeline.state_dir / "checks" / f"{key}.json"
+
+
+def _kept_verdict(pipeline: Pipeline, config: dict[str, Any], engine: EngineSettings) -> dict[str, Any] | None:
+    kept = _verdict_file(pipeline, config, engine)
+    return json.loads(kept.read_text(encoding="utf-8")) if kept.is_file() else None
+
+
+def _engine_verdict(pipeline: Pipeline, config: dict[str, Any], engine: EngineSettings) -> dict[str, Any]:
+    """The engine's verdict on `config`, asked now and kept."""
     scratch_dir = pipeline.state_dir / "tmp"
     scratch_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=scratch_dir, delete=False, encoding="utf-8") as handle:
@@ -144,6 +166,7 @@ def _engine_verdict(pipeline: Pipeline, config: dict[str, Any], engine: EngineSe
     verdict = process.last_json_line(completed.tail)
     if not completed.ok or verdict is None:
         raise process.CommandFailed(completed, "checking the LLaMA-Factory config in the engine env")
+    kept = _verdict_file(pipeline, config, engine)
     kept.parent.mkdir(parents=True, exist_ok=True)
     partial = kept.with_suffix(".partial")
     partial.write_text(json.dumps(verdict), encoding="utf-8")

@@ -7,6 +7,7 @@ real engine check once per config (`run` finds the verdict `plan` left).
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from npu_sft.cli import main
+from npu_sft.host_processes import descendants
 
 
 @dataclass(frozen=True)
@@ -204,3 +206,27 @@ def test_compare_names_a_tracking_uri_from_the_environment_it_can_not_use(
 
 def test_the_corpus_is_large_enough() -> None:
     assert len(PIPELINE_CASES) + len(ENGINE_CASES) + len(ENVIRONMENT_CASES) + 1 >= 30
+
+
+def test_a_first_check_refusing_the_config_while_prefect_starts_is_one_line_and_stops_the_server(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run` without a plan before it: the engine checks the config while Prefect's server starts; its refusal is the
+    same one line, nothing is tracked or leased, and the server is stopped."""
+    case = ENGINE_CASES["learning rate a word"]
+    break_project(project, case)
+    leases = project / "leases"
+    servers_before = prefect_servers()
+    assert main(["run", str(project / "pipeline.yaml"), "--set", f"devices.state_dir={leases}"]) == 2
+    captured = capsys.readouterr()
+    errors = captured.err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith(f"npu-sft: error: {case.expected.format(lf=project / 'lf.yaml')}")
+    assert "Traceback" not in captured.out + captured.err
+    assert not (project / "mlruns").exists() and not (project / ".npu-sft" / "runs").exists()
+    assert not leases.exists() or not any(leases.iterdir())
+    assert prefect_servers() <= servers_before
+
+
+def prefect_servers() -> set[int]:
+    """This process's uvicorn children: Prefect's temporary servers."""
+    return {pid for pid in descendants(os.getpid()) if b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()}
