@@ -8,6 +8,7 @@ from typing import Any
 
 from npu_sft.devices import Lease
 from npu_sft.devices.models import VISIBLE_DEVICES_VAR, DeviceKind
+from npu_sft.doctor.devices import UNSUPPORTED_CHIPS
 from npu_sft.doctor.errors import CardsNotWorking
 from npu_sft.doctor.models import Finding, ok
 from npu_sft.engine import EngineSettings, engine_script_command, process
@@ -64,9 +65,14 @@ def read_probe(found: dict[str, Any], kind: DeviceKind, ids: tuple[int, ...]) ->
                         f"check {VISIBLE_DEVICES_VAR.get(kind, 'the visible devices')} and the container's devices")]
     findings = []
     for card in found.get("cards", []):
+        device_id = ids[card["index"]] if card["index"] < len(ids) else card["index"]
+        name = card.get("name", "")
+        unsupported = next((reason for chip, reason in UNSUPPORTED_CHIPS.items() if chip in name), None)
+        if unsupported is not None:
+            findings.append(Finding(f"{kind.upper()} {device_id}", "error", f"{name}: {unsupported}", "lease other cards"))
+            continue
         if card.get("ok"):
             continue
-        device_id = ids[card["index"]] if card["index"] < len(ids) else card["index"]
         message = card.get("error", "")
         fix = (
             "CANN's kernels for this chip are missing or do not match the toolkit: install the Ascend-cann-kernels "

@@ -4,7 +4,8 @@ device is available, and multiply a small matrix on each visible card.
     <engine-python> - KIND < probe_devices.py        # KIND: npu, gpu or cpu; the visible-devices variable is set
 
 Prints one JSON line: {"torch": "2.14.0", "torch_npu": "2.14.0", "available": true, "count": 2,
-"cards": [{"index": 0, "ok": true}, {"index": 1, "ok": false, "error": "..."}]} or {"error": "import torch_npu: ..."};
+"cards": [{"index": 0, "name": "Ascend910B3", "ok": true}, {"index": 1, "name": "Ascend910B3", "ok": false,
+"error": "..."}]} or {"error": "import torch_npu: ..."};
 exit code 0 either way, 2 on a usage error.
 """
 
@@ -41,15 +42,20 @@ def probe(kind: str) -> dict:
     found["count"] = int(backend.device_count()) if found["available"] else 0
     cards = []
     for index in range(found["count"]):
+        card: dict = {"index": index}
+        try:
+            card["name"] = str(backend.get_device_name(index))  # torch_npu: "Ascend910B3", "Ascend310P3"
+        except Exception:  # noqa: BLE001 - the name is extra; the matmul below says whether the card works
+            pass
         try:
             backend.set_device(index)
             x = torch.randn(2, 2).npu() if kind == "npu" else torch.randn(2, 2).cuda()
             result = x.mm(x)
             backend.synchronize()
             result.cpu()
-            cards.append({"index": index, "ok": True})
+            cards.append({**card, "ok": True})
         except Exception as error:  # noqa: BLE001 - a kernel or driver error on this card
-            cards.append({"index": index, "ok": False, "error": first_lines(error)})
+            cards.append({**card, "ok": False, "error": first_lines(error)})
     return {**found, "cards": cards}
 
 

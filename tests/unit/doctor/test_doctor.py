@@ -197,6 +197,15 @@ def test_a_training_lease_with_a_broken_card_is_refused_naming_it(engine_python:
     require_working_cards(engine.model_copy(update={"env": {**engine.env, "FAKE_TORCH_NPU": "ok:8"}}), npu_lease(4, 6))
 
 
+def test_a_training_lease_on_310p_cards_is_refused_naming_the_chip(engine_python: Path) -> None:
+    """The run path has no npu-smi table of its own: torch_npu names the chip of each leased card."""
+    engine = EngineSettings(python=str(engine_python), env={"PYTHONPATH": str(TORCH_NPU_STANDIN),
+                                                           "FAKE_TORCH_NPU": "ok:8", "FAKE_TORCH_NPU_CHIP": "310P3"})
+    with pytest.raises(CardsNotWorking, match=r"^the npu lease \(0,1\) cannot train: NPU 0: Ascend310P3: an inference "
+                       r"card LLaMA-Factory does not train on \(LLaMA-Factory #10418\).*NPU 1: Ascend310P3"):
+        require_working_cards(engine, npu_lease(0, 1))
+
+
 def test_a_cpu_lease_is_not_probed() -> None:
     cpu = Lease(kind="cpu", ids=(0, 1), master_port=29500, task="train", flow_run_id=None, lease_id="t", since="",
                 _locks=None)

@@ -8,6 +8,7 @@ FAKE_TORCH_NPU picks the host it plays (the texts are the ones Ascend users repo
   unavailable      the driver sees no card: is_available() is False
   no-kernels:I     card I fails every op: CANN's kernels package missing or not matching the toolkit
                    (LLaMA-Factory #3779, #4610)
+FAKE_TORCH_NPU_CHIP names the chip `torch.npu.get_device_name` reports (default 910B3: "Ascend910B3").
 """
 
 import os
@@ -27,6 +28,7 @@ _visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
 if _visible:
     _cards = len([part for part in _visible.split(",") if part.strip()])
 _current = [0]
+_CHIP = os.environ.get("FAKE_TORCH_NPU_CHIP", "910B3")
 
 _NO_BINARY = (
     "call aclnnCast failed, detail:EZ9999: Inner Error!\n"
@@ -54,5 +56,6 @@ torch.npu = types.SimpleNamespace(
     device_count=lambda: 0 if _kind == "unavailable" else _cards,
     set_device=_set_device,
     synchronize=lambda *args: None,
+    get_device_name=lambda device=None: f"Ascend{_CHIP}",
 )
 torch.Tensor.npu = _to_npu
