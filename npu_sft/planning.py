@@ -99,6 +99,7 @@ def render_plan(pipeline: Pipeline) -> list[RenderableType]:
     summary.add_row("LLaMA-Factory config", f"{pipeline.llamafactory_file} (accepted by LLaMA-Factory's parser)")
     summary.add_row("train devices", devices.shown)
     summary.add_row("model", _describe_model(pipeline))
+    summary.add_row("datasets", _describe_datasets(pipeline))
     summary.add_row("stall deadlines", _stall_row(pipeline, devices.kind))
     summary.add_row("guards", _guards_row(pipeline, devices.kind))
     for stage, description in _publish_rows(pipeline):
@@ -197,7 +198,27 @@ def _describe_model(pipeline: Pipeline) -> str:
         return f"embedded tiny Qwen2 model (generated locally, seed {source.seed})"
     if source.source == "local":
         return f"local directory {source.path}"
-    return f"ModelScope {source.id} @ {source.revision}"
+    return f"ModelScope {source.id} @ {source.revision} ({NOT_ASKED})"
+
+
+# What a plan can not know without the network: it names the repositories, `npu-sft doctor CONFIG` asks the hub.
+NOT_ASKED = "the hub is not asked by a plan: npu-sft doctor checks it"
+
+
+def _describe_datasets(pipeline: Pipeline) -> str:
+    """Each input set and where it comes from, in the order preparation reads them."""
+    described = []
+    for spec in pipeline.settings.data.datasets:
+        if spec.source == "builtin":
+            described.append(f"{spec.name} (builtin)")
+        elif spec.source == "file" or spec.path is not None:
+            patterns = f", files {', '.join(spec.files)}" if spec.files else ""
+            described.append(f"{spec.name} ({spec.path}{patterns})")
+        else:
+            patterns = f", files {', '.join(spec.files)}" if spec.files else ""
+            described.append(f"{spec.name} (ModelScope dataset {spec.repo_id} @ {spec.revision or 'master'}{patterns})")
+    hub = any(spec.source == "modelscope" and spec.path is None for spec in pipeline.settings.data.datasets)
+    return "; ".join(described) + (f" ({NOT_ASKED})" if hub else "")
 
 
 def _planned_model_path(pipeline: Pipeline) -> str:

@@ -86,7 +86,8 @@ def select_data_files(path: Path, patterns: list[str]) -> FileSelection:
     )
     if patterns:
         chosen = [file for file in candidates if _matches_any(file.relative_to(path).as_posix(), patterns)]
-        return _nonempty_selection(path, chosen, [], f"no file matches {patterns}")
+        return _nonempty_selection(path, chosen, [], f"no file matches {patterns}",
+                                   _holding(path, candidates))
     training = [file for file in candidates if _SPLIT_NAME_PATTERN.search(file.relative_to(path).as_posix().lower())]
     if training:
         others = [file for file in candidates if file not in training]
@@ -98,6 +99,15 @@ def select_data_files(path: Path, patterns: list[str]) -> FileSelection:
     return _nonempty_selection(path, unsplit, others, f"no data file ({', '.join(DATA_FILE_SUFFIXES)})")
 
 
+def _holding(path: Path, files: list[Path], shown: int = 8) -> str:
+    """What the directory does hold, for the message that none of it was selected."""
+    if not files:
+        return f"; it holds no data file ({', '.join(DATA_FILE_SUFFIXES)})"
+    names = [file.relative_to(path).as_posix() for file in files]
+    more = f", and {len(names) - shown} more" if len(names) > shown else ""
+    return f"; its data files: {', '.join(names[:shown])}{more}"
+
+
 def _is_data_file(relative: Path) -> bool:
     hidden = any(part.startswith(".") for part in relative.parts)
     return not hidden and relative.suffix.lower() in DATA_FILE_SUFFIXES
@@ -107,9 +117,11 @@ def _matches_any(relative: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(relative, pattern) for pattern in patterns)
 
 
-def _nonempty_selection(path: Path, files: list[Path], skipped: list[Path], why_empty: str) -> FileSelection:
+def _nonempty_selection(
+    path: Path, files: list[Path], skipped: list[Path], why_empty: str, holding: str = ""
+) -> FileSelection:
     if not files:
-        raise DatasetError(f"{path}: {why_empty or 'no data file'} in this directory")
+        raise DatasetError(f"{path}: {why_empty or 'no data file'} in this directory{holding}")
     suffixes = {file.suffix.lower().replace(".jsonl", ".json") for file in files}
     if len(suffixes) > 1:
         raise DatasetError(f"{path}: mixes file types {sorted(suffixes)}; select one type with `files`")

@@ -162,6 +162,9 @@ def test_plan_for_the_seed_recipe_on_an_8_card_host(tmp_path: Path, repo: Path, 
     busy_fixture = (FAKES.parent / "fixtures/devices/npu_smi_info_8x910B3_busy.txt").read_text()
     assert f"| {card}       " not in busy_fixture.split("Process id")[-1]  # not a card with a foreign process
     assert not (tmp_path / ".npu-sft" / "runs").exists() and not (tmp_path / "mlruns").exists()
+    # Where the data comes from, and that the hub is named, not asked (nothing downloaded).
+    assert ("identity (builtin); alpaca_en_demo (ModelScope dataset llamafactory/alpaca_en @ master, files "
+            "alpaca_data_en*.json) (the hub is not asked by a plan: npu-sft doctor checks it)") in " ".join(out.split())
     # The serve flow's server: greedy on the huggingface backend, listed as the version it serves, never the key.
     serve = out[out.index("Serve command"):]
     assert "-m llamafactory.cli api" in serve and "--infer_backend huggingface --do_sample false" in serve

@@ -164,7 +164,8 @@ def test_directory_with_file_patterns(tmp_path: Path) -> None:
     root = _modelscope_download(tmp_path / "ms")
     prepared = prepare(tmp_path, [{"name": "ms", "path": str(root), "files": ["data/test*.jsonl"]}])
     assert user_texts(prepared) == ["held out"]
-    with pytest.raises(DatasetError, match="no file matches"):
+    with pytest.raises(DatasetError, match=r"no file matches \['\*.parquet'\] in this directory; its data files: "
+                       r"data/test.jsonl, data/train.jsonl, data/train_2.jsonl$"):
         prepare(tmp_path, [{"name": "ms2", "path": str(root), "files": ["*.parquet"]}])
 
 
