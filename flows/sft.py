@@ -22,7 +22,7 @@ from tasks.push import check_push_token, push_to_modelscope
 from tasks.serve import smoke_test_trained
 from tasks.tracking import TRACKING_HOOKS, start_tracking, summarize_run
 from tasks.train import train
-from tasks.validate import check_engine_config
+from tasks.validate import check_config
 
 quiet_user_error_tracebacks()  # bad input ends as one line, in the console and in Prefect's UI
 
@@ -38,7 +38,7 @@ class SftResult:
 @flow(name="sft", log_prints=True, **TRACKING_HOOKS)
 def sft(config: str, overrides: list[str] | None = None) -> SftResult:
     pipeline = load_pipeline(config, overrides)
-    check_engine_config(pipeline)
+    check_config(pipeline)
     if pipeline.settings.publish.modelscope:
         check_push_token(pipeline)
     run = start_tracking(pipeline)

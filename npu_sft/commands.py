@@ -11,10 +11,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from npu_sft.devices import DeviceToolMissing, render_device_report, take_inventory
-from npu_sft.engine.llamafactory_config import check_with_engine, engine_verdict_is_kept, env_script_missing
+from npu_sft.devices import render_device_report
+from npu_sft.engine.llamafactory_config import check_with_engine, engine_verdict_is_kept
+from npu_sft.preflight import check_on_this_host
 from npu_sft.prefect_server import temporary_server_started_early
-from npu_sft.settings import ConfigError, Pipeline, load_pipeline, missing_data_file
+from npu_sft.settings import ConfigError, Pipeline, load_pipeline
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 
@@ -42,13 +43,7 @@ def load_for_engine(args: argparse.Namespace, *, check_engine: bool = True) -> P
     """The pipeline of a command that starts the engine: bad input fails here, before Prefect starts anything (with
     `check_engine=False`, the engine's own check of the LLaMA-Factory config is the caller's)."""
     pipeline = load_pipeline(args.config, args.overrides)
-    for missing in (env_script_missing(pipeline), missing_data_file(pipeline)):
-        if missing is not None:
-            raise ConfigError(missing)
-    try:
-        take_inventory(pipeline.settings.devices)  # whether devices are free is the leases' to wait for
-    except DeviceToolMissing as err:
-        raise ConfigError(f"{pipeline.config_file}: {err}") from None
+    check_on_this_host(pipeline)
     if check_engine:
         check_with_engine(pipeline)  # as `plan` does; the flow's own check then finds the verdict kept
     return pipeline
