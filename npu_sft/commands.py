@@ -13,8 +13,8 @@ from rich.table import Table
 
 from npu_sft.devices import render_device_report
 from npu_sft.engine.llamafactory_config import check_with_engine, engine_verdict_is_kept
-from npu_sft.preflight import check_on_this_host
 from npu_sft.prefect_server import temporary_server_started_early
+from npu_sft.preflight import check_on_this_host
 from npu_sft.settings import ConfigError, Pipeline, load_pipeline
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
